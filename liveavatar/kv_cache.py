@@ -1,0 +1,137 @@
+"""Explicit key/value caches of the streaming DiT.
+
+`RingKVCache`: one per denoising step. Per layer it holds `ring_frames` latent frames of roped keys
+and values (the current block plus the previous ones), written block-slot-wise at
+slot = (F0 mod ring_frames)·fs. Step i's cache is only ever read and written by step i's forwards
+("timestep forcing"), so each cache can live on its own device or in host memory.
+
+`SinkCache`: the reference-image + FramePack motion tokens, computed once by the t = 0 prefill and
+stored per layer **before** RoPE (keys are re-roped on every call with the rolling reference
+position). `SinkLayout` describes its token groups and their RoPE grids; it depends only on the
+latent size. It is sized exactly for the latent size (the official code allocates a fixed 2,800 or
+3,000 tokens, which caps the output area).
+
+Both are plain tensors with known shapes, so `nbytes` can be computed before allocating anything
+(`RingKVCache.bytes_for`, `SinkCache.bytes_for`); the memory planner uses those same functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from liveavatar.config import DiTConfig
+from liveavatar.rope import grid_factors, sample_positions
+
+
+def _dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class SinkLayout:
+    """Token groups of the sink sequence at latent size (h, w): ref, then motion post / 2x / 4x."""
+
+    h: int  # latent height
+    w: int  # latent width
+    zip_frame_buckets: tuple[int, int, int] = (1, 2, 16)
+
+    @property
+    def fs(self) -> int:
+        return (self.h // 2) * (self.w // 2)
+
+    @property
+    def group_sizes(self) -> tuple[int, int, int, int]:
+        h, w = self.h, self.w
+        n4 = self.zip_frame_buckets[2] // 4
+        return self.fs, self.fs, (h // 4) * (w // 4), n4 * (h // 8) * (w // 8)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.group_sizes)
+
+    def rope(self, cfg: DiTConfig, ref_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [num_tokens, d/2] with the reference frame at temporal position `ref_pos`."""
+        h2, w2 = self.h // 2, self.w // 2
+        b1, b2, b16 = self.zip_frame_buckets
+        n4 = b16 // 4
+        grids = [
+            ([ref_pos], range(h2), range(w2)),  # reference image
+            ([-b1], range(h2), range(w2)),  # newest motion frame, full resolution
+            ([-(b1 + b2)], sample_positions(0, h2, self.h // 4), sample_positions(0, w2, self.w // 4)),
+            # 4x bucket: n4 frames sampled from oldest (-(b1+b2+b16)) towards newer, e.g. -19,-14,-9,-4.
+            ([-p for p in np.linspace(b1 + b2 + b16, b1 + b2 + 1 , n4).astype(int).tolist()],
+             sample_positions(0, h2, self.h // 8), sample_positions(0, w2, self.w // 8)),
+        ]
+        parts = [grid_factors(t, list(hh), list(ww), cfg.rope_split) for t, hh, ww in grids]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class RingKVCache:
+    """Per-step ring of roped K and V: k, v [num_layers, B, ring_frames·fs, N, d]."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, fs: int, ring_frames: int):
+        self.k, self.v, self.fs, self.ring_frames = k, v, fs, ring_frames
+
+    @staticmethod
+    def shape_for(cfg: DiTConfig, fs: int, batch: int = 1) -> tuple[int, ...]:
+        return (cfg.num_layers, batch, cfg.ring_frames * fs, cfg.num_heads, cfg.head_dim)
+
+    @classmethod
+    def bytes_for(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, batch: int = 1) -> int:
+        n = 1
+        for s in cls.shape_for(cfg, fs, batch):
+            n *= s
+        return 2 * n * _dtype_size(dtype)
+
+    @classmethod
+    def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1):
+        shape = cls.shape_for(cfg, fs, batch)
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device), fs, cfg.ring_frames)
+
+    @property
+    def ring_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def to(self, device, non_blocking: bool = False) -> RingKVCache:
+        return RingKVCache(self.k.to(device, non_blocking=non_blocking),
+                           self.v.to(device, non_blocking=non_blocking), self.fs, self.ring_frames)
+
+
+class SinkCache:
+    """Sink K (pre-RoPE) and V per layer: k, v [num_layers, B, num_tokens, N, d]."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, layout: SinkLayout):
+        self.k, self.v, self.layout = k, v, layout
+
+    @staticmethod
+    def shape_for(cfg: DiTConfig, layout: SinkLayout, batch: int = 1) -> tuple[int, ...]:
+        return (cfg.num_layers, batch, layout.num_tokens, cfg.num_heads, cfg.head_dim)
+
+    @classmethod
+    def bytes_for(cls, cfg: DiTConfig, layout: SinkLayout, dtype: torch.dtype, batch: int = 1) -> int:
+        n = 1
+        for s in cls.shape_for(cfg, layout, batch):
+            n *= s
+        return 2 * n * _dtype_size(dtype)
+
+    @classmethod
+    def allocate(cls, cfg: DiTConfig, layout: SinkLayout, dtype: torch.dtype, device="cpu", batch: int = 1):
+        shape = cls.shape_for(cfg, layout, batch)
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device), layout)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def to(self, device, non_blocking: bool = False) -> SinkCache:
+        return SinkCache(self.k.to(device, non_blocking=non_blocking),
+                         self.v.to(device, non_blocking=non_blocking), self.layout)
