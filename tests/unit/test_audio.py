@@ -1,0 +1,219 @@
+"""wav2vec2 audio features.
+
+- The 25 stacked states are what the official code (transformers 4.51) got: checked against a manual
+  walk through the model's submodules, with the final LayerNorm on index 24 only.
+- Normalisation, 50 -> 30 Hz resampling and per-video-frame bucketing equal independent numpy code
+  (exact rational rounding, explicit linear interpolation).
+- A tiny model saved as `Wav2Vec2ForCTC` (like the real folder) loads through `from_folder` and gives
+  identical features; missing folders, files or weights are `UserError`s.
+- Clip counts for several lengths, worked out by hand from the conv arithmetic; the chunked path.
+"""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from liveavatar.audio import (
+    AudioEncoder,
+    bucket_features,
+    conv_frames,
+    frame_feature_indices,
+    num_clips_for_audio,
+    resample_features,
+)
+from liveavatar.config import TINY
+from liveavatar.errors import UserError
+
+CFG = TINY.audio
+N_SAMPLES = 36800  # 2.3 s: T50 = 114, T30 = 68, 2 clips of 48 frames, frames 57.. past the audio
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return AudioEncoder.random(CFG, seed=0)
+
+
+def _wave(n=N_SAMPLES, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / 16000
+    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(n) + 0.1).astype(np.float32)
+
+
+def _np_normalize(x):
+    x = x.astype(np.float64)
+    return (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+
+
+def _np_interp(h, t30):
+    """h: [L, T50, H] -> [L, T30, H], linear, end points aligned. Source positions are formed in
+    float32, the precision torch (and the official GPU run) computes them in; the rest in float64."""
+    t50 = h.shape[1]
+    scale = np.float32(t50 - 1) / np.float32(t30 - 1) if t30 > 1 else np.float32(0)
+    pos = (scale * np.arange(t30, dtype=np.float32)).astype(np.float64)
+    i0 = np.floor(pos).astype(int)
+    i1 = np.minimum(i0 + 1, t50 - 1)
+    w = (pos - i0)[None, :, None]
+    return (1 - w) * h[:, i0] + w * h[:, i1]
+
+
+def _np_bucket(f30, n_frames, fps):
+    """f30: [L, T30, H] -> [1, L, H, N]; frame n takes round-half-even(n·30/fps), zeros beyond."""
+    layers, t30, hidden = f30.shape
+    out = np.zeros((layers, hidden, n_frames))
+    for n in range(n_frames):
+        i = round(Fraction(30 * n, fps))
+        if i < t30:
+            out[:, :, n] = f30[:, i]
+    return out[None]
+
+
+def test_hidden_states_follow_official_semantics(enc):
+    m = enc.model
+    x = torch.from_numpy(enc.normalize(_wave()))[None]
+    with torch.no_grad():
+        states = enc.encode(x[0].numpy())
+        h = m.feature_extractor(x).transpose(1, 2)
+        h = m.feature_projection(h)
+        h = h[0] if isinstance(h, tuple) else h
+        h = h + m.encoder.pos_conv_embed(h)
+        ref = [h]
+        for layer in m.encoder.layers:
+            h = layer(h)
+            h = h[0] if isinstance(h, tuple) else h
+            ref.append(h)
+        ref[-1] = m.encoder.layer_norm(ref[-1])  # only the last state is normalised
+    assert states.shape == (25, 114, CFG.hidden_size)
+    torch.testing.assert_close(states, torch.cat(ref), rtol=0, atol=1e-5)
+    assert not torch.allclose(states[24], h[0], atol=1e-3)  # index 24 is not the raw layer-24 output
+
+
+def test_normalize_matches_numpy(enc):
+    w = _wave()
+    np.testing.assert_allclose(enc.normalize(w), _np_normalize(w), rtol=0, atol=1e-5)
+
+
+def test_features_match_numpy_reference(enc):
+    w = _wave()
+    feats = enc.features(w, fps=25)
+    hidden = enc.encode(enc.normalize(w)).double().numpy()  # [25, 114, H]
+    t30 = int(114 / 50 * 30)
+    assert t30 == 68
+    n = (int(t30 / 57.6) + 1) * 48
+    ref = _np_bucket(_np_interp(hidden, t30), n, 25)
+    assert feats.shape == (1, 25, CFG.hidden_size, 96) == ref.shape
+    np.testing.assert_allclose(feats.double().numpy(), ref, rtol=0, atol=1e-5)
+    # Frames whose 30 Hz index round(1.2 n) >= 68 (n >= 57) are silent, the others are not.
+    assert (feats[..., 57:] == 0).all()
+    assert (feats[..., :57].abs().amax(dim=(0, 1, 2)) > 0).all()
+    # An explicit frame count samples the same columns.
+    assert torch.equal(enc.features(w, 10, fps=25), feats[..., :10])
+
+
+@pytest.mark.parametrize("fps,t50,n_frames", [(25, 40, 50), (16, 37, 30), (30, 11, 9)])
+def test_resample_and_bucket_functions(fps, t50, n_frames):
+    g = torch.Generator().manual_seed(fps)
+    h = torch.randn(3, t50, 5, generator=g)
+    t30 = int(t50 / 50 * 30)
+    f30 = resample_features(h)
+    np.testing.assert_allclose(f30.numpy(), _np_interp(h.double().numpy(), t30), rtol=0, atol=1e-6)
+    out = bucket_features(f30, n_frames, fps)
+    np.testing.assert_allclose(out.numpy(), _np_bucket(f30.double().numpy(), n_frames, fps), rtol=0, atol=0)
+    exact = [round(Fraction(30 * n, fps)) for n in range(n_frames)]
+    assert frame_feature_indices(n_frames, fps).tolist() == exact
+
+
+def test_num_clips_for_audio():
+    # T50 from the conv stack: 16000 -> 49, 30800 -> 96, 31120 -> 97, 160000 -> 499 (10 s).
+    assert [conv_frames(n, CFG.conv_kernel, CFG.conv_stride) for n in (16000, 30800, 31119, 31120, 160000)] == [
+        49, 96, 96, 97, 499]
+    assert num_clips_for_audio(16000) == 1  # T30 = 29
+    assert num_clips_for_audio(30800) == 1  # T30 = 57 < 57.6
+    assert num_clips_for_audio(31120) == 2  # T30 = 58
+    assert num_clips_for_audio(160000) == 6  # T30 = 299: 5 full clips + the unconditional extra one
+    assert num_clips_for_audio(160000, infer_frames=96) == 3  # 299 / 115.2 -> 2, + 1
+    assert num_clips_for_audio(160000, fps=16) == 4  # 299 / (48 · 1.875) -> 3, + 1
+
+
+def test_frame_count_matches_model(enc):
+    for n in (N_SAMPLES, 16000 + 123):
+        t50 = conv_frames(n, CFG.conv_kernel, CFG.conv_stride)
+        assert enc.encode(enc.normalize(_wave(n))).shape[1] == t50
+    assert enc.features(_wave()).shape[-1] == num_clips_for_audio(N_SAMPLES, cfg=CFG) * 48
+
+
+def test_chunked_path(enc):
+    w = _wave()
+    x = enc.normalize(w)
+    one = enc.encode(x)
+    # Windows that see the whole utterance reproduce the one-pass states (up to kernel rounding).
+    torch.testing.assert_close(enc.encode_chunked(x, window_frames=200, context_frames=0), one, rtol=0, atol=1e-5)
+    # Short windows: the conv front end and positional conv (±8 frames) are exact with 25 frames of
+    # context, so state 0 matches; attention only sees the window, so deeper states drift.
+    part = enc.encode_chunked(x, window_frames=30, context_frames=25)
+    assert part.shape == one.shape
+    torch.testing.assert_close(part[0], one[0], rtol=0, atol=1e-5)
+    assert torch.isfinite(part).all()
+    feats = enc.features(w, chunk_seconds=0.6, context_seconds=0.5)
+    assert feats.shape == (1, 25, CFG.hidden_size, 96)
+
+
+def _save_ctc_folder(enc, path, drop_key=None):
+    from safetensors.torch import load_file, save_file
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    ctc = Wav2Vec2ForCTC(enc.model.config)
+    ctc.wav2vec2.load_state_dict(enc.model.state_dict())
+    ctc.save_pretrained(str(path))
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(str(path))
+    weights = path / "model.safetensors"
+    sd = load_file(str(weights))
+    assert any(k.startswith("wav2vec2.") for k in sd) and "lm_head.weight" in sd  # the CTC layout
+    if drop_key:
+        del sd[drop_key]
+        save_file(sd, str(weights), metadata={"format": "pt"})
+
+
+def test_from_folder_roundtrip(enc, tmp_path):
+    _save_ctc_folder(enc, tmp_path / "w2v")
+    loaded = AudioEncoder.from_folder(tmp_path / "w2v", dtype=torch.float32)
+    for name, p in enc.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], p), name
+    w = _wave()
+    assert torch.equal(loaded.features(w), enc.features(w))
+
+
+def test_from_folder_errors(enc, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        AudioEncoder.from_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="lacks config.json, preprocessor_config.json, model weights"):
+        AudioEncoder.from_folder(tmp_path / "empty")
+    _save_ctc_folder(enc, tmp_path / "holed", drop_key="wav2vec2.encoder.layers.3.attention.q_proj.weight")
+    with pytest.raises(UserError, match=r"1 missing.*encoder.layers.3.attention.q_proj.weight"):
+        AudioEncoder.from_folder(tmp_path / "holed")
+
+
+def test_bad_waves(enc):
+    with pytest.raises(UserError, match="mono"):
+        enc.features(np.zeros((2, 16000), np.float32))
+    with pytest.raises(UserError, match="samples"):
+        enc.features(np.zeros(500, np.float32))
+
+
+def test_random_is_seeded():
+    a = AudioEncoder.random(CFG, seed=3).model.state_dict()
+    b = AudioEncoder.random(CFG, seed=3).model.state_dict()
+    c = AudioEncoder.random(CFG, seed=4).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_bf16_runs_in_model_dtype(enc):
+    w = _wave()
+    half = AudioEncoder.random(CFG, seed=0, dtype=torch.bfloat16)
+    f = half.features(w)
+    assert f.dtype == torch.bfloat16
+    torch.testing.assert_close(f.float(), enc.features(w), rtol=0.05, atol=0.1)
