@@ -86,7 +86,7 @@ def _to_video(x: Tensor, b: int) -> Tensor:
 
 
 class ResidualBlock(nn.Module):
-    """RMS, SiLU, causal conv 3^3, RMS, SiLU, (dropout), causal conv 3^3, plus a 1^3 shortcut if widths differ."""
+    """RMS, SiLU, causal conv 3^3, RMS, SiLU, (dropout), causal conv 3^3; 1^3 shortcut if widths differ."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -199,7 +199,8 @@ class Encoder3d(nn.Module):
                 blocks.append(ResidualBlock(c_in, c_out))
                 c_in = c_out
             if i != len(cfg.dim_mult) - 1:
-                blocks.append(Resample(c_out, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"))
+                mode = "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"
+                blocks.append(Resample(c_out, mode))
         self.downsamples = nn.Sequential(*blocks)
         c = dims[-1]
         self.middle = nn.Sequential(ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c))
@@ -295,12 +296,12 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def encode_raw(self, video: Tensor) -> Tensor:
-        """video: [B, 3, T, H, W] in [-1, 1], T = 1 + 4k, H and W multiples of 8 -> mu [B, z_dim, 1 + k, H/8, W/8]."""
+        """Video [B, 3, 1 + 4k, H, W] in [-1, 1] (H, W multiples of 8) -> mu [B, z_dim, 1 + k, H/8, W/8]."""
         b, c, t, h, w = video.shape
         if c != 3 or t % 4 != 1 or h % 8 or w % 8:
             raise UserError(
-                f"VAE encode got video of shape {tuple(video.shape)}; pass [B, 3, T, H, W] with T = 1 + 4k frames "
-                "and H, W multiples of 8"
+                f"VAE encode got video of shape {tuple(video.shape)}; pass [B, 3, T, H, W] with "
+                "T = 1 + 4k frames and H, W multiples of 8"
             )
         video = video.to(self.dtype)
         caches: Caches = [None] * self.encoder.num_slots

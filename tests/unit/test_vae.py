@@ -57,7 +57,8 @@ def test_encode_matches_official(vae, fixture):
     ref = fixture["outputs"]["encode_mean"]
     assert mu.shape == ref.shape and mu.dtype == torch.float32
     abs_err, rel_max, rel_elem = _errors(mu, ref)
-    print(f"encode_mean: max abs {abs_err:.3e}, max abs / max|ref| {rel_max:.3e}, max elementwise rel {rel_elem:.3e}")
+    print(f"encode_mean: max abs {abs_err:.3e}, max abs / max|ref| {rel_max:.3e}, "
+          f"max elementwise rel {rel_elem:.3e}")
     assert abs_err <= TOL
 
 
@@ -66,7 +67,8 @@ def test_decode_matches_official(vae, fixture):
     ref = fixture["outputs"]["decode"]
     assert video.shape == ref.shape and video.dtype == torch.float32
     abs_err, rel_max, rel_elem = _errors(video, ref)
-    print(f"decode: max abs {abs_err:.3e}, max abs / max|ref| {rel_max:.3e}, max elementwise rel {rel_elem:.3e}")
+    print(f"decode: max abs {abs_err:.3e}, max abs / max|ref| {rel_max:.3e}, "
+          f"max elementwise rel {rel_elem:.3e}")
     assert abs_err <= TOL
 
 
