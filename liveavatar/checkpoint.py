@@ -82,30 +82,12 @@ class CkptPaths:
     """Where each component lives under a `Wan2.2-S2V-14B/` folder."""
 
     root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / DIT_CONFIG
-
-    @property
-    def index(self) -> Path:
-        return self.root / DIT_INDEX
-
-    @property
-    def t5(self) -> Path:
-        return self.root / T5_FILE
-
-    @property
-    def vae(self) -> Path:
-        return self.root / VAE_FILE
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / TOKENIZER_DIR
-
-    @property
-    def audio(self) -> Path:
-        return self.root / AUDIO_DIR
+    config: Path
+    index: Path
+    t5: Path
+    vae: Path
+    tokenizer: Path
+    audio: Path
 
 
 def ckpt_paths(ckpt_dir: str | Path) -> CkptPaths:
@@ -113,7 +95,8 @@ def ckpt_paths(ckpt_dir: str | Path) -> CkptPaths:
     if not root.is_dir():
         raise UserError(f"checkpoint folder {root} does not exist; pass --ckpt_dir pointing at "
                         f"Wan2.2-S2V-14B/")
-    return CkptPaths(root)
+    return CkptPaths(root, root / DIT_CONFIG, root / DIT_INDEX, root / T5_FILE, root / VAE_FILE,
+                     root / TOKENIZER_DIR, root / AUDIO_DIR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +394,10 @@ def _read_safetensors(files: dict[Path, list[str]], metas: dict[str, TensorMeta]
 def load_dit(ckpt_dir: str | Path, cfg: DiTConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
              lora_path: str | Path | None = None, lora_rank: int = 128, lora_alpha: float = 64.0,
              lora_target_modules: Sequence[str] = LORA_TARGETS):
-    """The DiT of `ckpt_dir` (config.json checked against `cfg`), optionally with the LoRA merged in."""
+    """The DiT of `ckpt_dir` in `dtype` on `device`, optionally with the LoRA merged in.
+
+    config.json, the index, every shard header and the LoRA are checked against the model built on
+    meta before any weight is read. On the CPU with the file dtype the weights stay memory-mapped."""
     from liveavatar.dit import CausalS2VDiT
 
     root = ckpt_paths(ckpt_dir).root
@@ -425,18 +411,24 @@ def load_dit(ckpt_dir: str | Path, cfg: DiTConfig, dtype: torch.dtype, device: t
     if problems:
         raise UserError(f"DiT weights in {root} do not match the model: {_summarize(problems)}; "
                         f"check --ckpt_dir and --preset")
+    lora = None
+    if lora_path is not None:  # fail on a bad LoRA before reading 32 GB
+        lora = check_lora(model, load_lora(lora_path), lora_rank, lora_target_modules)
     files: dict[Path, list[str]] = {}
     for k, p in where.items():
         files.setdefault(p, []).append(k)
     sd = _read_safetensors(files, metas, dtype, device)
     model = _finish(model, sd, f"DiT weights in {root}")
-    if lora_path is not None:
-        merge_lora(model, load_lora(lora_path), lora_alpha, lora_rank, lora_target_modules)
+    if lora is not None:
+        merge_lora(model, lora, lora_alpha, lora_rank, lora_target_modules)
     return model
 
 
 def _load_pth(path: Path, model: nn.Module, dtype: torch.dtype, device: torch.device | str,
               what: str) -> nn.Module:
+    """A `torch.save` state dict into `model` (on meta) through one read-only file mapping: tensors in
+    the target dtype on the CPU stay mapped; others are cast or moved one at a time. Pages already read
+    stay in the page cache (reclaimable, but counted in RSS) until the last tensor is placed."""
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist; check --ckpt_dir")
     metas = read_pth_metadata(path)
@@ -583,22 +575,30 @@ def _lora_problems(found: dict[str, TensorMeta], model: nn.Module, rank: int, ta
     return problems
 
 
-@torch.no_grad()
-def merge_lora(model: nn.Module, lora_sd: dict[str, torch.Tensor], alpha: float, rank: int,
-               targets: Sequence[str] = LORA_TARGETS) -> int:
-    """Merge W <- W + (alpha / rank) * B @ A into every target Linear, in float32, one layer at a time.
-
-    Keys may carry the `base_model.model.` prefix or not. Every key must belong to a target, every
-    target must have A and B, and every shape must match; otherwise a UserError names the first
-    mismatches and nothing is merged. Returns the number of merged layers."""
+def check_lora(model: nn.Module, lora_sd: dict[str, torch.Tensor], rank: int,
+               targets: Sequence[str] = LORA_TARGETS) -> dict[str, torch.Tensor]:
+    """The LoRA keyed canonically, after checking it against the model (which may be on meta): every
+    key must belong to a target, every target must have A and B, every shape must match; otherwise a
+    UserError names the first mismatches."""
     names = _canonical_lora_keys(lora_sd, "the LoRA state dict")
     lora = {names[k]: t for k, t in lora_sd.items()}
-    linears = lora_targets(model, targets)
     problems = _lora_problems({k: TensorMeta(tuple(t.shape), t.dtype) for k, t in lora.items()}, model, rank,
                               targets)
     if problems:
         raise UserError(f"the LoRA does not fit this DiT (rank {rank}): {_summarize(problems)}; "
                         f"pass the Live Avatar LoRA and the matching --preset")
+    return lora
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, lora_sd: dict[str, torch.Tensor], alpha: float, rank: int,
+               targets: Sequence[str] = LORA_TARGETS) -> int:
+    """Merge W <- W + (alpha / rank) * B @ A into every target Linear, in float32, one layer at a time
+    on the weight's device, rounded once to the weight dtype. Keys may carry the `base_model.model.`
+    prefix or not; a LoRA that does not fit (see `check_lora`) raises before anything is merged.
+    Returns the number of merged layers."""
+    lora = check_lora(model, lora_sd, rank, targets)
+    linears = lora_targets(model, targets)
     scale = alpha / rank
     for name, lin in linears.items():
         w = lin.weight
@@ -1109,10 +1109,10 @@ def write_random_checkpoint(ckpt_dir: str | Path, preset: Preset | str = "tiny",
 __all__ = [
     "AUDIO_DIR", "COMPONENTS", "CkptPaths", "ComponentReport", "DIT_CONFIG", "DIT_INDEX", "DIT_SINGLE",
     "FILE_DTYPES", "LORA_FILE", "LORA_PREFIX", "LORA_REPO", "LORA_TARGETS", "PartStats", "RandomCheckpoint",
-    "Report", "T5_FILE", "TOKENIZER_DIR", "TensorMeta", "VAE_FILE", "ckpt_paths", "dit_config_json",
-    "dit_shard_name", "expected_lora_tensors", "format_bytes", "inspect_preset", "load_dit", "load_lora",
-    "load_t5", "load_vae", "lora_key", "lora_targets", "merge_lora", "parse_components", "random_lora",
-    "read_dit_config", "read_pth_metadata", "read_safetensors_header", "resolve_lora_path", "save_dit",
-    "save_lora", "save_pth", "verify_checkpoint", "write_random_checkpoint", "write_tokenizer_folder",
-    "write_wav2vec2_folder",
+    "Report", "T5_FILE", "TOKENIZER_DIR", "TensorMeta", "VAE_FILE", "check_lora", "ckpt_paths",
+    "dit_config_json", "dit_shard_name", "expected_lora_tensors", "format_bytes", "inspect_preset",
+    "load_dit", "load_lora", "load_t5", "load_vae", "lora_key", "lora_targets", "merge_lora",
+    "parse_components", "random_lora", "read_dit_config", "read_pth_metadata", "read_safetensors_header",
+    "resolve_lora_path", "save_dit", "save_lora", "save_pth", "verify_checkpoint", "write_random_checkpoint",
+    "write_tokenizer_folder", "write_wav2vec2_folder",
 ]

@@ -123,6 +123,18 @@ def test_lora_loads_with_and_without_prefix(ckpt, tmp_path):
     _assert_same(with_prefix, ref, torch.bfloat16)
     _assert_same(without, ref, torch.bfloat16)
     assert ck.load_lora(lora_path.parent).keys() == ref.keys()  # a folder holding liveavatar.safetensors
+    torch.save({k.removeprefix(ck.LORA_PREFIX): v for k, v in ref.items()}, tmp_path / "lora.pt")
+    _assert_same(ck.load_lora(tmp_path / "lora.pt"), ref, torch.bfloat16)
+
+
+def test_lora_repo_id_resolves_to_a_local_copy(ckpt, tmp_path, monkeypatch):
+    _, lora_path, _ = ckpt
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"LoRA Quark-Vision/Live-Avatar not found"):
+        ck.resolve_lora_path(ck.LORA_REPO)
+    (tmp_path / "ckpt" / "LiveAvatar").mkdir(parents=True)
+    (tmp_path / "ckpt" / "LiveAvatar" / ck.LORA_FILE).write_bytes(lora_path.read_bytes())
+    assert ck.resolve_lora_path(ck.LORA_REPO) == Path("ckpt/LiveAvatar") / ck.LORA_FILE
 
 
 def test_load_dit_merges_the_lora(ckpt):
@@ -281,6 +293,11 @@ def test_loader_errors_name_the_problem(ckpt, tmp_path):
     (tmp_path / "d" / ck.dit_shard_name(2, 3)).unlink()
     with pytest.raises(UserError, match=r"incomplete: 1 problem\(s\): missing shard \S+-00002-of-00003"):
         ck.load_dit(tmp_path / "d", wide, torch.float32)
+    bad_lora = tmp_path / "bad.safetensors"
+    save_file({"blocks.0.self_attn.q.lora_A.default.weight": torch.zeros(3, 64)}, str(bad_lora))
+    with pytest.raises(UserError, match=r"LoRA does not fit this DiT \(rank 4\): \d+ problem\(s\): target "
+                                        r"blocks\.0\.self_attn\.q has no lora_B"):
+        ck.load_dit(root, TINY.dit, torch.float32, lora_path=bad_lora, lora_rank=4)
     data = (root / ck.T5_FILE).read_bytes()
     (tmp_path / ck.T5_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match=r"probably truncated"):
