@@ -1,0 +1,454 @@
+"""Media input and output: the output-size rule, reference image and speech loading, and the MP4 writer.
+
+Inputs follow the official pipeline: `--size` is an area cap and `target_size` reproduces
+`get_size_less_than_area` (sides are multiples of 64, the image aspect is kept, small images are
+never upscaled past the next multiple of 64); the reference image goes through the torchvision
+`Resize(min(H, W))` -> `CenterCrop((H, W))` (zero padding) -> `ToTensor` -> `x*2-1` chain, rebuilt
+on PIL and numpy; speech is loaded like `librosa.load(path, sr=16000)` (soundfile, channel mean,
+soxr HQ), with PyAV decoding the containers libsndfile cannot read (M4A, MP4, AAC...).
+
+Output goes through `MP4Writer`, which appends every `write` call to the file as its own fragment of a
+fragmented MP4 (H.264 yuv420p + AAC) and flushes it, so a crash or kill loses at most the chunk being
+written: the `<stem>.partial.mp4` left behind plays up to the last finished chunk. `close()` renames it
+atomically to the requested name. Each chunk is muxed by a short-lived muxer (the encoders live for
+the whole file), because FFmpeg's MP4 muxer only emits a fragment when the next one starts.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import struct
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from liveavatar.errors import UserError
+
+SAMPLE_RATE = 16000  # speech is resampled to this rate for the audio encoder and the muxed track
+SIZE_DIVISOR = 64  # output sides are multiples of this (VAE stride 8 x patch 2 x FramePack 4x bucket)
+MIN_SIDE = 128  # smallest output side accepted by default: latent 16, FramePack 4x bucket 2 tokens
+ASSETS = Path(__file__).parent / "assets"
+
+# Extensions that libsndfile cannot read; they go straight to PyAV.
+_PYAV_SUFFIXES = {".m4a", ".mp4", ".aac", ".mov", ".m4v", ".mkv", ".webm", ".wma", ".3gp", ".opus"}
+
+
+def example_image_path() -> Path:
+    """The bundled example reference image (a drawn cartoon face, 384x704 portrait PNG)."""
+    return ASSETS / "face.png"
+
+
+def example_audio_path() -> Path:
+    """The bundled example speech (about 4 s, 16 kHz mono 16-bit WAV, synthesised with espeak-ng)."""
+    return ASSETS / "speech.wav"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output size
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_size(s: str) -> int:
+    """Area cap in pixels from "704*384" (also "704x384"): the official `MAX_AREA_CONFIGS` value."""
+    m = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", str(s))
+    if m is None or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+        raise UserError(f"--size {s!r} is not an area of the form H*W; pass e.g. --size 704*384")
+    return int(m.group(1)) * int(m.group(2))
+
+
+def target_size(img_h: int, img_w: int, max_area: int, divisor: int = SIZE_DIVISOR,
+                min_side: int = MIN_SIDE) -> tuple[int, int]:
+    """Output (H, W) for an img_h x img_w image under the area cap, as the official pipeline picks it.
+
+    Scans 100 scales from sqrt(max_area / (h*w)) (at most 1.0) down to a lower bound, floors the
+    scaled sides, rounds each up to a multiple of `divisor` and takes the first that fits the area;
+    falls back to flooring an aspect-preserving shape. The float expressions, including the quirky
+    `2*a*c` of the lower bound, are the official ones, so results match it exactly (the official loop
+    hard-codes 64, which equals the default divisor). Raises UserError when a side is below `min_side`.
+    """
+    if img_h <= 0 or img_w <= 0:
+        raise UserError(f"the reference image has an empty side ({img_h}x{img_w}); use a real image")
+    if max_area < min_side * min_side:
+        raise UserError(f"--size area {max_area} is below the minimum {min_side}*{min_side}; use e.g. 704*384")
+    height, width = img_h, img_w
+    if height * width <= max_area:
+        min_scale, max_scale = 0.1, 1.0
+    else:
+        d = divisor - 1
+        a = height * width
+        b = d * (height + width)
+        c = d**2 - max_area
+        min_scale = (-b + math.sqrt(b**2 - 2 * a * c)) / (2 * a)
+        max_scale = math.sqrt(max_area / (height * width))
+
+    for i in range(100):
+        scale = max_scale - (max_scale - min_scale) * i / 100
+        new_h, new_w = int(height * scale), int(width * scale)
+        out_h = new_h + (divisor - new_h % divisor) % divisor
+        out_w = new_w + (divisor - new_w % divisor) % divisor
+        if out_h * out_w <= max_area:
+            break
+    else:
+        aspect = width / height
+        out_w = int((max_area * aspect) ** 0.5 // divisor * divisor)
+        out_h = int((max_area / aspect) ** 0.5 // divisor * divisor)
+        if out_w >= width or out_h >= height:
+            out_w = int(width // divisor * divisor)
+            out_h = int(height // divisor * divisor)
+
+    if min(out_h, out_w) < min_side:
+        raise UserError(
+            f"a {img_w}x{img_h} (WxH) image under the area cap {max_area} gives a {out_w}x{out_h} video, "
+            f"below the minimum side {min_side}; use a larger --size or a less elongated image"
+        )
+    return out_h, out_w
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference image
+# ----------------------------------------------------------------------------------------------------
+
+
+def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    """torchvision `Resize(size)` on a PIL image: shorter edge -> size, longer -> int(size*long/short)."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), Image.BILINEAR)  # PIL's bilinear filter antialiases when shrinking
+
+
+def _center_crop(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """torchvision `CenterCrop((out_h, out_w))`: zero-pads (left/top get the floor half) when the
+    image is smaller, then crops at round((size - out) / 2) (round half to even). x: [h, w, C]."""
+    h, w = x.shape[:2]
+    if out_h > h or out_w > w:
+        pad_t = (out_h - h) // 2 if out_h > h else 0
+        pad_b = (out_h - h + 1) // 2 if out_h > h else 0
+        pad_l = (out_w - w) // 2 if out_w > w else 0
+        pad_r = (out_w - w + 1) // 2 if out_w > w else 0
+        x = np.pad(x, ((pad_t, pad_b), (pad_l, pad_r), (0, 0)))
+        h, w = x.shape[:2]
+    top = int(round((h - out_h) / 2.0))
+    left = int(round((w - out_w) / 2.0))
+    return x[top:top + out_h, left:left + out_w]
+
+
+def load_reference_image(path: str | os.PathLike, max_area: int,
+                         min_side: int = MIN_SIDE) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reference image -> ([3, H, W] float32 in [-1, 1], (H, W)) with (H, W) = `target_size`.
+
+    The EXIF orientation is applied first (a no-op for images without one; the official code ignores
+    it and so animates rotated phone photos sideways). Refused with UserError: a missing path, a file
+    PIL cannot decode, and an image whose shorter side is below `min_side` pixels. Since (H, W) never
+    exceeds the image scaled to at most 1.0 with sides rounded up to a multiple of 64, a smaller
+    image would only be upscaled into a blurry face (and a smaller --size cannot help it).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"reference image {str(p)!r} does not exist; pass the path of a PNG or JPEG file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            img = ImageOps.exif_transpose(im).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"reference image {str(p)!r} could not be read as an image ({e}); "
+                        "pass a valid PNG or JPEG file") from None
+    w0, h0 = img.size
+    if min(w0, h0) < min_side:
+        raise UserError(f"reference image {str(p)!r} is {w0}x{h0} pixels, smaller than {min_side} on its "
+                        f"shorter side; use an image at least {min_side} pixels on each side")
+    out_h, out_w = target_size(h0, w0, max_area, min_side=min_side)
+
+    x = np.array(_resize_shorter(img, min(out_h, out_w)))  # [h, w, 3] uint8
+    x = np.ascontiguousarray(_center_crop(x, out_h, out_w))  # [H, W, 3]
+    t = torch.from_numpy(x).permute(2, 0, 1).float().div(255)  # ToTensor
+    return t * 2 - 1, (out_h, out_w)  # [3, H, W]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speech
+# ----------------------------------------------------------------------------------------------------
+
+
+def _decode_pyav(path: Path) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream with PyAV -> ([C, N] float32, sample rate)."""
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError("the file has no audio stream")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="fltp")  # keeps the layout and rate; planar float
+        parts, sr = [], stream.codec_context.sample_rate
+        for frame in container.decode(stream):
+            sr = frame.sample_rate
+            for f in resampler.resample(frame):
+                parts.append(f.to_ndarray())  # [C, n]
+        for f in resampler.resample(None):
+            parts.append(f.to_ndarray())
+    if not parts:
+        return np.zeros((1, 0), np.float32), sr or SAMPLE_RATE
+    return np.concatenate(parts, axis=1).astype(np.float32, copy=False), sr
+
+
+def load_audio(path: str | os.PathLike) -> np.ndarray:
+    """Speech file -> float32 mono samples at 16 kHz, like `librosa.load(path, sr=16000)`.
+
+    WAV/FLAC/OGG/MP3 are read with soundfile, containers libsndfile cannot read (M4A, MP4, AAC...)
+    and anything it fails on are decoded with PyAV; channels are averaged, then resampled with soxr
+    HQ (what librosa uses). Missing, undecodable or empty files raise UserError. Silence is not an
+    error here: see `audio_is_silent`.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"audio file {str(p)!r} does not exist; pass the path of a WAV, FLAC, MP3 or M4A file")
+    x = sr = None
+    if p.suffix.lower() not in _PYAV_SUFFIXES:
+        try:
+            data, sr = sf.read(str(p), dtype="float32", always_2d=True)  # [N, C]
+            x = data.T  # [C, N]
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+            x = None
+    if x is None:
+        try:
+            x, sr = _decode_pyav(p)
+        except (av.FFmpegError, ValueError, OSError) as e:
+            raise UserError(f"audio file {str(p)!r} could not be decoded ({e}); "
+                            "convert it to WAV, FLAC, MP3 or M4A") from None
+    if x.shape[1] == 0:
+        raise UserError(f"audio file {str(p)!r} contains no samples; pass a file with speech in it")
+    wave = np.mean(x, axis=0)  # [N] channel mean, as librosa's to_mono
+    if not np.all(np.isfinite(wave)):
+        raise UserError(f"audio file {str(p)!r} contains NaN or infinite samples; re-export it as PCM WAV")
+    if sr != SAMPLE_RATE:
+        wave = soxr.resample(wave, sr, SAMPLE_RATE, quality="HQ")
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def audio_is_silent(wave: np.ndarray, threshold: float = 1e-3) -> bool:
+    """True when the RMS level is below `threshold` (default 1e-3, i.e. -60 dBFS): worth a warning,
+    since the avatar will barely move, but not an error."""
+    if len(wave) == 0:
+        return True
+    return float(np.sqrt(np.mean(np.square(wave, dtype=np.float64)))) < threshold
+
+
+# ----------------------------------------------------------------------------------------------------
+# MP4 output
+# ----------------------------------------------------------------------------------------------------
+
+_MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
+# Per-chunk muxer: fragment at keyframes (each chunk starts with one), an empty moov (the init segment
+# comes first), data offsets relative to each moof (fragments can be appended anywhere), and absolute
+# decode times: `frag_discont` with no edit list and no shift to zero makes tfdt = the first dts.
+_FRAGMENT_OPTIONS = {
+    "movflags": _MOVFLAGS + "+frag_discont", "use_editlist": "0", "avoid_negative_ts": "disabled",
+}
+_AAC_FRAME = 1024  # samples per AAC packet
+
+
+def _top_level_boxes(data: bytes):
+    """Yield (type, bytes) of the top-level ISO-BMFF boxes in `data`."""
+    i = 0
+    while i + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[i:i + 8])
+        if size == 1:
+            size = struct.unpack(">Q", data[i + 8:i + 16])[0]
+        elif size == 0:
+            size = len(data) - i
+        yield kind.decode("latin-1"), data[i:i + size]
+        i += size
+
+
+class MP4Writer:
+    """Streams RGB frames (and the matching span of a mono speech track) into a fragmented MP4.
+
+    `write(frames)` encodes a [T, H, W, 3] uint8 chunk (its first frame forced to an IDR keyframe),
+    muxes the audio samples [n0*sr/fps, (n0+T)*sr/fps) that play with it, and appends both to
+    `<stem>.partial.mp4` as one self-contained fragment, flushed before returning. `close()` renames
+    the partial file to `path` (atomic: same directory); `abort()`, or leaving a `with` block by an
+    exception, keeps the partial file, which plays up to the last finished chunk. The audio track is
+    cut with the video (at AAC-packet granularity: it ends < 1024 samples after the last frame); it
+    may be shorter than the video. H.264 yuv420p (libx264, `tune=zerolatency` so that every frame
+    leaves the encoder at once) and AAC. Every chunk costs a keyframe, so very short chunks inflate the
+    file; write several blocks at a time if that matters.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, width: int, height: int, fps: int = 25,
+                 audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE, crf: int = 18,
+                 preset: str = "veryfast", audio_bitrate: int = 64000):
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"MP4Writer needs positive even width and height, got {width}x{height}")
+        if audio is not None:
+            audio = np.asarray(audio, dtype=np.float32)  # no copy for float32 input; clipped per block
+            if audio.ndim != 1:
+                raise ValueError(f"MP4Writer audio must be mono [N], got shape {audio.shape}")
+        self.path = Path(path)
+        self.partial_path = self.path.with_name(f"{self.path.stem}.partial.mp4")
+        self.width, self.height, self.fps, self.sample_rate = width, height, fps, sample_rate
+        self._audio = audio
+        if self.path.is_dir():
+            raise UserError(f"output {str(self.path)!r} is a directory; pass a file name such as out.mp4")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.partial_path, "wb")  # kept open across writes
+        except OSError as e:
+            raise UserError(f"cannot write the output video {str(self.path)!r} ({e.strerror or e}); "
+                            "choose a writable location with --output") from None
+
+        # The encoders live in a container that is never written to: the per-chunk muxers copy their
+        # codec parameters (SPS/PPS, AudioSpecificConfig) from its streams.
+        try:
+            self._codecs = av.open(io.BytesIO(), "w", format="mp4", options={"movflags": _MOVFLAGS})
+            self._video = self._codecs.add_stream(
+                "libx264", rate=fps, options={"crf": str(crf), "preset": preset, "tune": "zerolatency"})
+            self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
+            self._audio_stream = None
+            if audio is not None:
+                self._audio_stream = self._codecs.add_stream("aac", rate=sample_rate, layout="mono")
+                self._audio_stream.bit_rate = audio_bitrate
+            self._codecs.start_encoding()  # opens the encoders, fills the streams' codec parameters
+        except BaseException:
+            self._file.close()
+            self.partial_path.unlink(missing_ok=True)
+            raise
+
+        self.frames_written = 0
+        self._chunks = 0
+        self._audio_fed = 0  # samples given to the AAC encoder
+        self._audio_drained = False
+        self._audio_out_end = 0  # end (in samples) of the last AAC packet out of the encoder
+        self._audio_pending: list[av.Packet] = []
+        self._state = "open"
+
+    # -- audio --------------------------------------------------------------------------------------
+
+    def _audio_packets_until(self, end: int) -> list[av.Packet]:
+        """Encode audio until every packet starting before sample `end` is out; return those packets."""
+        audio = self._audio
+        while self._audio_out_end < end and not self._audio_drained:
+            if self._audio_fed < len(audio):
+                block = np.clip(audio[self._audio_fed:self._audio_fed + _AAC_FRAME], -1.0, 1.0)
+                frame = av.AudioFrame.from_ndarray(block[None], format="flt", layout="mono")
+                frame.sample_rate, frame.pts = self.sample_rate, self._audio_fed
+                frame.time_base = Fraction(1, self.sample_rate)
+                self._audio_fed += len(block)
+                packets = self._audio_stream.encode(frame)
+            else:
+                packets = self._audio_stream.encode(None)
+                self._audio_drained = True
+            for p in packets:
+                self._audio_out_end = max(self._audio_out_end, p.pts + (p.duration or _AAC_FRAME))
+                # Drop the encoder-priming packet (pts < 0): with it the muxer would shift every track,
+                # since fragmented files carry no edit list. The first 64 ms decode with a short fade-in.
+                if p.pts >= 0:
+                    self._audio_pending.append(p)
+        out = [p for p in self._audio_pending if p.pts < end]
+        del self._audio_pending[:len(out)]
+        return out
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append frames [T, H, W, 3] uint8 (RGB) and their audio as one flushed fragment."""
+        if self._state != "open":
+            raise RuntimeError(f"MP4Writer.write after {self._state}")
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(f"expected uint8 frames [T, {self.height}, {self.width}, 3], "
+                             f"got {frames.dtype} {tuple(frames.shape)}")
+        if len(frames) == 0:
+            return
+        n0 = self.frames_written
+        packets = []
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts, frame.time_base = n0 + i, Fraction(1, self.fps)
+            if i == 0:
+                frame.pict_type = av.video.frame.PictureType.I  # an IDR: the chunk decodes on its own
+            for p in self._video.encode(frame):
+                p.duration = 1  # one frame in the codec time base 1/fps; the last sample needs it
+                packets.append(p)
+        n1 = n0 + len(frames)
+        if self._audio is not None:
+            packets += self._audio_packets_until(n1 * self.sample_rate // self.fps)
+        self._write_fragment(packets)
+        self.frames_written = n1
+
+    def _write_fragment(self, packets: list[av.Packet]) -> None:
+        """Mux `packets` with a fresh muxer and append its boxes (the init segment only once)."""
+        buf = io.BytesIO()
+        options = {**_FRAGMENT_OPTIONS, "fragment_index": str(self._chunks + 1)}  # mfhd sequence number
+        mux = av.open(buf, "w", format="mp4", options=options)
+        streams = {self._video.index: mux.add_stream_from_template(self._video)}
+        if self._audio_stream is not None:
+            streams[self._audio_stream.index] = mux.add_stream_from_template(self._audio_stream)
+        for p in sorted(packets, key=lambda p: p.dts * p.time_base):
+            p.stream = streams[p.stream_index]
+            mux.mux(p)
+        mux.close()
+        keep = ("moof", "mdat") if self._chunks else ("ftyp", "moov", "moof", "mdat")
+        for kind, box in _top_level_boxes(buf.getvalue()):
+            if kind in keep:
+                self._file.write(box)
+        self._file.flush()
+        self._chunks += 1
+
+    @property
+    def duration(self) -> float:
+        """Seconds of video written so far."""
+        return self.frames_written / self.fps
+
+    def close(self) -> Path:
+        """Finish the file and rename it atomically to `path`; returns `path`."""
+        if self._state != "open":
+            raise RuntimeError(f"MP4Writer.close after {self._state}")
+        if self.frames_written == 0:
+            self.abort()
+            raise ValueError("MP4Writer.close with no frames written; nothing to save")
+        self._release()
+        os.fsync(self._file.fileno())  # the renamed file must not be shorter than the partial one
+        self._file.close()
+        os.replace(self.partial_path, self.path)
+        self._state = "closed"
+        return self.path
+
+    def abort(self) -> None:
+        """Stop without renaming: keeps `<stem>.partial.mp4` (playable up to the last chunk), or removes
+        it when no frame was written."""
+        if self._state != "open":
+            return
+        self._release()
+        self._file.close()
+        if self.frames_written == 0:
+            self.partial_path.unlink(missing_ok=True)
+        self._state = "aborted"
+
+    def _release(self) -> None:
+        try:
+            self._codecs.close()
+        except av.FFmpegError:
+            pass
+
+    def __enter__(self) -> MP4Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self):
+        if getattr(self, "_state", None) == "open":
+            self.abort()
