@@ -1063,8 +1063,9 @@ def write_wav2vec2_folder(folder: str | Path, cfg: AudioConfig, seed: int = 0) -
 
     from liveavatar.audio import wav2vec2_config
 
-    torch.manual_seed(seed)
-    model = Wav2Vec2ForCTC(wav2vec2_config(cfg))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Wav2Vec2ForCTC(wav2vec2_config(cfg))
     model.save_pretrained(str(folder), safe_serialization=True)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=cfg.sample_rate, padding_value=0.0,
                              do_normalize=True, return_attention_mask=True).save_pretrained(str(folder))
@@ -1093,8 +1094,9 @@ def write_random_checkpoint(ckpt_dir: str | Path, preset: Preset | str = "tiny",
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
     root = Path(ckpt_dir)
-    torch.manual_seed(seed)
-    dit, t5, vae = CausalS2VDiT(preset.dit), T5Encoder(preset.t5), WanVAE(preset.vae)
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+        torch.manual_seed(seed)
+        dit, t5, vae = CausalS2VDiT(preset.dit), T5Encoder(preset.t5), WanVAE(preset.vae)
     save_dit(dit, root, preset.dit, num_shards=num_shards, dtype=FILE_DTYPES["dit"])
     save_pth(t5, root / T5_FILE, FILE_DTYPES["t5"])
     save_pth(vae, root / VAE_FILE, FILE_DTYPES["vae"])
