@@ -1,9 +1,10 @@
 """The `liveavatar` command line: one `_cmd_<name>(args) -> int` per subcommand, registered in
 `build_parser()`; `main` turns a `UserError` into one `error: ...` line on stderr and its exit code.
 
-Subcommands here: `check-ckpt` (verify a checkpoint folder and LoRA from file headers, no weights
-read) and `inspect` (tensors, parameters and sizes of a preset's models). The commands only parse
-flags, call `liveavatar.checkpoint` and print; they hold no model logic.
+Subcommands: `generate` (stream a talking video to an MP4; accepts the official
+`s2v_streaming_interact.py` flags), `check-ckpt` (verify a checkpoint folder and LoRA from file
+headers, no weights read) and `inspect` (tensors, parameters and sizes of a preset's models). The
+commands only parse flags, call the engine and print; they hold no model logic.
 """
 
 from __future__ import annotations
@@ -46,9 +47,162 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+WEIGHTS_HELP = (
+    "get the weights with `huggingface-cli download Wan-AI/Wan2.2-S2V-14B --local-dir ckpt/Wan2.2-S2V-14B` and "
+    "`huggingface-cli download Quark-Vision/Live-Avatar --local-dir ckpt/LiveAvatar`, then pass "
+    "--ckpt_dir ckpt/Wan2.2-S2V-14B --lora_path_dmd ckpt/LiveAvatar/liveavatar.safetensors; "
+    "or run the built-in tiny model with --preset tiny"
+)
+DEFAULT_PROMPT = ("A person is talking to the camera with natural expressions and gestures, "
+                  "in a bright room, realistic, high quality.")
+
+
+def _str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    """Official flags whose features are not available (yet): refused with a clear message."""
+    if args.sample_solver != "euler":
+        raise UserError(f"--sample_solver {args.sample_solver} is not supported; the distilled model samples "
+                        "with --sample_solver euler")
+    if args.sample_guide_scale not in (None, 0, 0.0):
+        raise UserError(f"--sample_guide_scale {args.sample_guide_scale}: the distilled model runs without "
+                        "guidance; pass --sample_guide_scale 0")
+    multi = {"--num_gpus_dit": args.num_gpus_dit not in (None, 1), "--enable_vae_parallel": args.enable_vae_parallel,
+             "--ulysses_size": args.ulysses_size not in (None, 1), "--dit_fsdp": args.dit_fsdp,
+             "--t5_fsdp": args.t5_fsdp}
+    for flag, on in multi.items():
+        if on:
+            raise UserError(f"{flag}: multi-GPU pipelines are not available in this version; run on one GPU "
+                            "(drop the flag)")
+    if args.fp8:
+        raise UserError("--fp8: FP8 weights are not available in this version; drop the flag")
+    if args.offload_kv_cache:
+        raise UserError("--offload_kv_cache is not available in this version; drop the flag")
+    if args.pose_video:
+        raise UserError("--pose_video is not supported (Live Avatar always runs without pose); drop the flag")
+    if args.audio and "+" in args.audio and not os.path.exists(args.audio):
+        raise UserError("multi-speaker audio (a.wav+b.wav) is not supported; pass one audio file")
+
+
+def _default_save_file(args: argparse.Namespace) -> str:
+    import time
+
+    stem = "_".join(args.prompt.split())[:50].replace("/", "_")
+    return os.path.join("output", f"{time.strftime('%Y%m%d_%H%M%S')}_{args.sample_steps}step_{stem}.mp4")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import random
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from liveavatar import media
+    from liveavatar.config import get_preset
+    from liveavatar.pipeline import GenerationOptions, Inputs, Pipeline, muxed_audio, stream_length
+
+    _refuse_unsupported(args)
+    preset = get_preset(args.preset)
+    if preset.name != "tiny" and not args.ckpt_dir:
+        raise UserError(f"no model weights given (--ckpt_dir); {WEIGHTS_HELP}")
+    seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**31 - 1)
+    opts = GenerationOptions(
+        size=media.parse_size(args.size), infer_frames=args.infer_frames, num_clip=args.num_clip, seed=seed,
+        sample_steps=args.sample_steps, online_decode=not args.offline_decode,
+    )
+    image = args.image or str(media.example_image_path())
+    audio = args.audio or str(media.example_audio_path())
+    inputs = Inputs.load(image, audio, opts)  # every input is checked before any weight is loaded
+    if inputs.silent:
+        print(f"warning: the audio {audio} is silent; the avatar will barely move", file=sys.stderr)
+    save_file = args.save_file or _default_save_file(args)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    length = stream_length(len(inputs.wave), opts, preset.fps, preset.dit.frames_per_block)
+    track = muxed_audio(inputs.wave, length.num_frames, preset.fps)
+    with media.MP4Writer(save_file, width=inputs.width, height=inputs.height, fps=preset.fps,
+                         audio=track, sample_rate=media.SAMPLE_RATE) as writer:
+        t0 = time.time()
+        if preset.name == "tiny":
+            pipe = Pipeline.tiny(device=device)
+        else:
+            enc = "cpu" if (args.offload_model or args.t5_cpu) else None
+            pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
+                                            encoders_device=enc)
+        session = pipe.session(inputs, prompt=args.prompt, options=opts)
+        print(f"{inputs.width}x{inputs.height}, {session.num_frames} frames in {session.num_blocks} blocks "
+              f"({session.num_clips} clips), seed {seed}, setup {time.time() - t0:.1f}s -> {save_file}",
+              file=sys.stderr)
+        bar = tqdm(total=session.num_blocks, unit="block", file=sys.stderr, dynamic_ncols=True)
+        t1 = time.time()
+        frames = 0
+        for chunk in session:
+            writer.write(chunk.frames)
+            frames += len(chunk.frames)
+            bar.set_postfix_str(f"{frames} frames, {frames / (time.time() - t1):.2f} fps")
+            bar.update(1)
+        bar.close()
+        path = writer.close()
+    print(f"saved {path} ({frames} frames, {frames / preset.fps:.2f}s) in {time.time() - t0:.1f}s")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream a talking-avatar video from an image, speech and a prompt",
+                       description="Generate a talking video. Flags follow the official s2v_streaming_interact.py.")
+    p.add_argument("--preset", default="s2v-14b", choices=sorted(PRESETS),
+                   help="s2v-14b (real weights, needs --ckpt_dir) or tiny (built-in random model, CPU demo)")
+    p.add_argument("--ckpt_dir", default=None, help="the Wan2.2-S2V-14B folder")
+    p.add_argument("--lora_path_dmd", "--lora_path", dest="lora_path_dmd", default=None,
+                   help="Live Avatar LoRA (liveavatar.safetensors or the folder holding it)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--image", default=None, help="reference image (default: the bundled example face)")
+    p.add_argument("--audio", default=None, help="speech: WAV/FLAC/OGG/MP3/M4A (default: the bundled example)")
+    p.add_argument("--size", default="704*384", help="area cap H*W; the image aspect is kept (default 704*384)")
+    p.add_argument("--num_clip", type=int, default=None, help="clips of --infer_frames frames (default: follow "
+                   "the audio)")
+    p.add_argument("--infer_frames", type=int, default=48, help="frames per clip, a multiple of 12 (default 48)")
+    p.add_argument("--sample_steps", type=int, default=4)
+    p.add_argument("--sample_guide_scale", type=float, default=0.0)
+    p.add_argument("--sample_solver", default="euler")
+    p.add_argument("--sample_shift", type=float, default=None, help="accepted; the schedule uses shift 3")
+    p.add_argument("--base_seed", type=int, default=42, help="seed (-1: random); a seed reproduces a video")
+    p.add_argument("--save_file", default=None, help="output MP4 (default: output/<time>_<prompt>.mp4)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--offload_model", type=_str2bool, nargs="?", const=True, default=False,
+                   help="keep the text and audio encoders in host memory between uses")
+    p.add_argument("--t5_cpu", action="store_true", help="keep the text encoder in host memory")
+    p.add_argument("--enable_online_decode", action="store_true",
+                   help="accepted: blocks are always decoded as they finish unless --offline_decode")
+    p.add_argument("--offline_decode", action="store_true", help="decode all latents at the end (same frames)")
+    p.add_argument("--convert_model_dtype", action="store_true", help="accepted; weights load in bf16")
+    p.add_argument("--load_lora", action="store_true", help="accepted; the LoRA is merged when a path is given")
+    p.add_argument("--training_config", default=None, help="accepted; LoRA rank 128 / alpha 64 are built in")
+    p.add_argument("--task", default="s2v-14B", choices=["s2v-14B"])
+    p.add_argument("--single_gpu", action="store_true", help="accepted")
+    # Multi-GPU and memory flags: accepted, refused with a clear message until available.
+    p.add_argument("--num_gpus_dit", type=int, default=None)
+    p.add_argument("--enable_vae_parallel", action="store_true")
+    p.add_argument("--ulysses_size", type=int, default=None)
+    p.add_argument("--dit_fsdp", action="store_true")
+    p.add_argument("--t5_fsdp", action="store_true")
+    p.add_argument("--fp8", action="store_true")
+    p.add_argument("--offload_kv_cache", action="store_true")
+    p.add_argument("--pose_video", default=None)
+    p.set_defaults(func=_cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liveavatar", description="Live Avatar: streaming avatar video")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    _add_generate(sub)
 
     p = sub.add_parser("check-ckpt", help="verify checkpoint files from their headers (no weights read)")
     p.add_argument("--ckpt_dir", required=True, help="the Wan2.2-S2V-14B folder")

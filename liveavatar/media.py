@@ -444,6 +444,8 @@ class MP4Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._state != "open":  # closed or aborted inside the block
+            return
         if exc_type is None:
             self.close()
         else:

@@ -1,0 +1,318 @@
+"""The streaming engine: one `Pipeline` (models) and per-request `Session`s (state + generator).
+
+A session is set up from a reference image, a speech track and a prompt: output size, reference and
+motion latents, text context, audio features, one ring KV cache per denoising step, the sink cache
+(prefilled once) and the streaming VAE decoder state. Iterating it yields `Chunk`s, one per block
+of 3 latent frames: uint8 RGB frames plus the audio samples that play with them. Everything else
+(the CLI, files, servers) consumes this generator.
+
+Semantics follow the official streaming pipeline: 4-step Euler with timestep forcing (cache i is
+only used by step i), fresh noise per clip from `seed + clip`, the rolling-sink distance d drawn
+per DiT call, the sink re-prefilled once at the start of clip 1 with the first generated latent as
+the reference, online VAE decode warmed up on 7 motion latents, and the first 3 frames of the video
+dropped (48·N − 3 frames for N clips). Deliberate differences, all documented in docs/design.md:
+noise and d come from the session's own seeded generators (so a seed reproduces a video on any
+device); the muxed audio starts 3 frames (0.12 s) in, so that each frame plays with the audio it was
+generated from; by default the clip count covers the audio instead of always adding one, and the
+video is trimmed to the audio's length.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from liveavatar import media
+from liveavatar.config import Preset
+from liveavatar.dit import CausalS2VDiT
+from liveavatar.errors import UserError
+from liveavatar.kv_cache import RingKVCache, SinkCache, SinkLayout
+from liveavatar.sampler import euler_step, make_schedule
+from liveavatar.t5 import encode_text
+from liveavatar.vae import VAEStreamState
+
+DROP_FIRST_FRAMES = 3  # frames dropped at the start of the video, as the official pipelines do
+VAE_WARMUP_LATENTS = 7  # motion latents decoded (and discarded) to prime the streaming decoder
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    size: int = 704 * 384  # area cap in pixels; the output keeps the image aspect, sides multiple of 64
+    infer_frames: int = 48  # video frames per clip (multiple of 12)
+    num_clip: int | None = None  # None: as many clips as the audio needs, trimmed to its length
+    seed: int = 42
+    sample_steps: int = 4
+    online_decode: bool = True  # decode each block as soon as it is denoised
+    sink_refresh: bool = True  # re-prefill the sink at clip 1 with the first generated latent
+
+
+@dataclass
+class Chunk:
+    index: int  # block index
+    frame_start: int  # index of the first frame in the output video
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    audio: np.ndarray  # float32 mono samples at 16 kHz that play with these frames
+
+
+@dataclass
+class Inputs:
+    """Validated user inputs, prepared before any model is loaded."""
+
+    ref: torch.Tensor  # [3, H, W] float32 in [-1, 1]
+    height: int
+    width: int
+    wave: np.ndarray  # float32 mono at 16 kHz
+    silent: bool
+
+    @classmethod
+    def load(cls, image: str, audio: str, opts: GenerationOptions) -> Inputs:
+        check_options(opts)
+        ref, (h, w) = media.load_reference_image(image, opts.size)
+        wave = media.load_audio(audio)
+        return cls(ref, h, w, wave, media.audio_is_silent(wave))
+
+
+def check_options(opts: GenerationOptions) -> None:
+    if opts.infer_frames <= 0 or opts.infer_frames % 12:
+        raise UserError(f"--infer_frames {opts.infer_frames} is not a positive multiple of 12; use 48")
+    if opts.num_clip is not None and opts.num_clip <= 0:
+        raise UserError(f"--num_clip {opts.num_clip} must be at least 1 (or omit it to follow the audio)")
+    if opts.sample_steps <= 0:
+        raise UserError(f"--sample_steps {opts.sample_steps} must be at least 1; the distilled model uses 4")
+
+
+@dataclass(frozen=True)
+class StreamLength:
+    num_clips: int
+    num_blocks: int
+    num_frames: int  # frames in the output video
+
+
+def stream_length(num_samples: int, opts: GenerationOptions, fps: int = 25, frames_per_block: int = 3) -> StreamLength:
+    """Clips, blocks and output frames for an audio of `num_samples` at 16 kHz.
+
+    With `num_clip` N: 48·N − 3 frames (the official count). Otherwise as many clips as the audio needs
+    and the video trimmed to the audio (the first 3 generated frames are dropped)."""
+    f = opts.infer_frames
+    audio_frames = math.ceil(num_samples * fps / media.SAMPLE_RATE)
+    clips = opts.num_clip or max(1, math.ceil(audio_frames / f))
+    total = clips * f - DROP_FIRST_FRAMES
+    frames = total if opts.num_clip else min(total, max(1, audio_frames - DROP_FIRST_FRAMES))
+    per_block = 4 * frames_per_block
+    blocks = min(clips * f // per_block, math.ceil((frames + DROP_FIRST_FRAMES) / per_block))
+    return StreamLength(clips, blocks, frames)
+
+
+def muxed_audio(wave: np.ndarray, num_frames: int, fps: int = 25) -> np.ndarray:
+    """The audio that plays with output frames [0, num_frames): starts DROP_FIRST_FRAMES frames in,
+    zero-padded to the video length."""
+    sr = media.SAMPLE_RATE
+    a0 = DROP_FIRST_FRAMES * sr // fps
+    a1 = (DROP_FIRST_FRAMES + num_frames) * sr // fps
+    out = np.zeros(a1 - a0, np.float32)
+    seg = wave[a0:a1]
+    out[: len(seg)] = seg
+    return out
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, T, H, W] in [-1, 1] -> [T, H, W, 3] uint8 (clamped, truncated like the official writer)."""
+    x = ((video.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
+    return x.permute(1, 2, 3, 0).cpu().numpy()
+
+
+class Pipeline:
+    """Holds the models of one preset on one device; makes sessions."""
+
+    def __init__(self, preset: Preset, dit: CausalS2VDiT, vae, text_encoder, tokenizer, audio_encoder,
+                 device: str | torch.device = "cpu"):
+        self.preset, self.dit, self.vae = preset, dit, vae
+        self.text_encoder, self.tokenizer, self.audio_encoder = text_encoder, tokenizer, audio_encoder
+        self.device = torch.device(device)
+        self.dtype = dit.patch_embedding.weight.dtype
+
+    @classmethod
+    def tiny(cls, seed: int = 0, device="cpu") -> Pipeline:
+        """The built-in tiny model: deterministic random weights, no checkpoint needed."""
+        from liveavatar.audio import AudioEncoder
+        from liveavatar.config import TINY
+        from liveavatar.t5 import T5Encoder, TextTokenizer
+        from liveavatar.vae import WanVAE
+
+        torch.manual_seed(seed)
+        dit = CausalS2VDiT(TINY.dit).eval()
+        vae = WanVAE(TINY.vae).eval()
+        t5 = T5Encoder(TINY.t5).eval()
+        audio = AudioEncoder.random(TINY.audio, seed=seed)
+        for m in (dit, vae, t5):
+            m.to(device)
+        return cls(TINY, dit, vae, t5, TextTokenizer.builtin(TINY.t5.vocab_size), audio, device)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: str, lora_path: str | None = None, preset: Preset | None = None,
+                        device="cuda", dtype: torch.dtype = torch.bfloat16, encoders_device=None) -> Pipeline:
+        """The real model from the official folders: `Wan2.2-S2V-14B/` and the Live Avatar LoRA.
+
+        `encoders_device` holds the text and audio encoders (default: `device`); they are moved to
+        `device` only while they run when it differs (the official `--offload_model` / `--t5_cpu`)."""
+        from liveavatar import checkpoint as ck
+        from liveavatar.audio import AudioEncoder
+        from liveavatar.config import S2V_14B
+        from liveavatar.t5 import TextTokenizer
+
+        preset = preset or S2V_14B
+        paths = ck.ckpt_paths(ckpt_dir)
+        enc_dev = encoders_device or device
+        tokenizer = TextTokenizer.from_folder(paths.tokenizer, preset.t5.text_len)
+        audio = AudioEncoder.from_folder(paths.audio, dtype).to(enc_dev).eval()
+        dit = ck.load_dit(paths.root, preset.dit, dtype, device, lora_path=lora_path,
+                          lora_rank=preset.lora_rank, lora_alpha=preset.lora_alpha).eval()
+        vae = ck.load_vae(paths.vae, preset.vae, dtype, device).eval()
+        t5 = ck.load_t5(paths.t5, preset.t5, dtype, enc_dev).eval()
+        return cls(preset, dit, vae, t5, tokenizer, audio, device)
+
+    def session(self, image: str | Inputs, audio: str | None = None, prompt: str = "",
+                options: GenerationOptions | None = None) -> Session:
+        """A session from file paths, or from `Inputs` already loaded (then `audio` is unused)."""
+        opts = options or GenerationOptions()
+        inputs = image if isinstance(image, Inputs) else Inputs.load(image, audio, opts)
+        return Session(self, inputs, prompt, opts)
+
+    def run_encoder(self, module, fn):
+        """Run `fn(module)` with the module on the compute device, then put it back where it lives."""
+        home = next(module.parameters()).device
+        if home != self.device:
+            module.to(self.device)
+        try:
+            return fn(module)
+        finally:
+            if home != self.device:
+                module.to(home)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
+class Session:
+    """State of one generation; iterate it to get `Chunk`s."""
+
+    def __init__(self, pipe: Pipeline, inputs: Inputs, prompt: str, opts: GenerationOptions):
+        cfg = pipe.preset.dit
+        check_options(opts)
+        self.pipe, self.opts = pipe, opts
+        dev, dtype = pipe.device, pipe.dtype
+        fps = pipe.preset.fps
+        ref, self.height, self.width, self.wave = inputs.ref, inputs.height, inputs.width, inputs.wave
+        self.silent = inputs.silent
+        f = opts.infer_frames
+        length = stream_length(len(self.wave), opts, fps, cfg.frames_per_block)
+        self.num_clips, self.num_blocks, self.num_frames = length.num_clips, length.num_blocks, length.num_frames
+        self.blocks_per_clip = f // 4 // cfg.frames_per_block
+        self.schedule = make_schedule(pipe.preset.sampler, opts.sample_steps)
+        h, w = self.height // 8, self.width // 8
+        self.latent_hw = (h, w)
+        self.layout = SinkLayout(h, w, cfg.zip_frame_buckets)
+
+        with torch.no_grad():
+            ctx = pipe.run_encoder(pipe.text_encoder, lambda m: encode_text(m, pipe.tokenizer, prompt))
+            self.text = pipe.dit.embed_text(ctx.to(dev))
+            feats = pipe.run_encoder(pipe.audio_encoder, lambda m: m.features(self.wave, self.num_clips * f, fps=fps))
+            self.audio_feats = feats.to(dev, dtype)  # [1, 25, C_a, N·F]
+            ref = ref.to(dev, dtype)
+            # Reference latent: second latent of the 5-frame still clip; motion: 73-frame still clip.
+            self.ref_latent = pipe.vae.encode(ref[None, :, None].expand(1, 3, 5, -1, -1))[:, :, 1:2]
+            self.motion_latents = pipe.vae.encode(ref[None, :, None].expand(1, 3, cfg.motion_frames, -1, -1))
+
+        self.rings = [RingKVCache.allocate(cfg, self.layout.fs, dtype, dev) for _ in range(len(self.schedule))]
+        self.sink = SinkCache.allocate(cfg, self.layout, dtype, dev)
+        self._audio = None
+        self.rng = random.Random(opts.seed)
+        self.noise_gen = torch.Generator("cpu")
+
+    @property
+    def latent_frames_per_clip(self) -> int:
+        return self.opts.infer_frames // 4
+
+    def _clip_noise(self, clip: int) -> torch.Tensor:
+        h, w = self.latent_hw
+        self.noise_gen.manual_seed(self.opts.seed + clip)
+        c = self.pipe.preset.dit.in_dim
+        z = torch.randn(1, c, self.latent_frames_per_clip, h, w, generator=self.noise_gen)
+        return z.to(self.pipe.device, self.pipe.dtype)
+
+    def _prefill(self, ref_latent: torch.Tensor) -> None:
+        self.pipe.dit.prefill_sink(ref_latent, self.motion_latents, self.text, self.sink)
+
+    def denoise_block(self, n: int, noise: torch.Tensor) -> torch.Tensor:
+        """4-step denoise of block n (absolute latent frames 3n..3n+2). noise: [1, C, 3, h, w]."""
+        fpb = self.pipe.preset.dit.frames_per_block
+        lo, hi = self.pipe.preset.dit.rsfm_d_range
+        a = self.audio_feats[..., 4 * fpb * n: 4 * fpb * (n + 1)]
+        z = noise
+        for i, t in enumerate(self.schedule.timesteps):
+            v = self.pipe.dit(z, t, a, self.text, self.rings[i], self.sink, frame_start=fpb * n,
+                              d=self.rng.randint(lo, hi))
+            z = euler_step(z, v, self.schedule, i)
+        return z
+
+    def latents(self) -> Iterator[torch.Tensor]:
+        """Clean latents block by block: [1, C, 3, h, w]."""
+        fpb = self.pipe.preset.dit.frames_per_block
+        with torch.no_grad():
+            self._prefill(self.ref_latent)
+            first = None
+            for n in range(self.num_blocks):
+                clip, b = divmod(n, self.blocks_per_clip)
+                if b == 0:
+                    noise = self._clip_noise(clip)
+                    if clip == 1 and self.opts.sink_refresh:
+                        self._prefill(first)
+                z = self.denoise_block(n, noise[:, :, fpb * b: fpb * (b + 1)])
+                if n == 0:
+                    first = z[:, :, :1].clone()
+                yield z
+
+    def _chunk(self, n: int, video: torch.Tensor, emitted: int) -> Chunk | None:
+        frames = to_uint8(video[0])
+        if n == 0:
+            frames = frames[DROP_FIRST_FRAMES:]
+        frames = frames[: max(0, self.num_frames - emitted)]
+        if len(frames) == 0:
+            return None
+        sr, fps = media.SAMPLE_RATE, self.pipe.preset.fps
+        a0 = emitted * sr // fps
+        a1 = (emitted + len(frames)) * sr // fps
+        return Chunk(n, emitted, frames, self.audio[a0:a1])
+
+    @property
+    def audio(self) -> np.ndarray:
+        """The whole muxed track (16 kHz mono) for the output video."""
+        if self._audio is None:
+            self._audio = muxed_audio(self.wave, self.num_frames, self.pipe.preset.fps)
+        return self._audio
+
+    def __iter__(self) -> Iterator[Chunk]:
+        vae = self.pipe.vae
+        with torch.no_grad():
+            state = VAEStreamState()
+            vae.decode_stream(self.motion_latents[:, :, :VAE_WARMUP_LATENTS], state)
+            emitted = 0
+            if self.opts.online_decode:
+                for n, z in enumerate(self.latents()):
+                    chunk = self._chunk(n, vae.decode_stream(z, state), emitted)
+                    if chunk is not None:
+                        emitted += len(chunk.frames)
+                        yield chunk
+            else:
+                zs = list(self.latents())
+                video = vae.decode_stream(torch.cat(zs, dim=2), state)
+                per_block = video.shape[2] // len(zs)
+                for n in range(len(zs)):
+                    chunk = self._chunk(n, video[:, :, n * per_block: (n + 1) * per_block], emitted)
+                    if chunk is not None:
+                        emitted += len(chunk.frames)
+                        yield chunk
