@@ -304,7 +304,7 @@ class MP4Writer:
             self._file = open(self.partial_path, "wb")  # kept open across writes
         except OSError as e:
             raise UserError(f"cannot write the output video {str(self.path)!r} ({e.strerror or e}); "
-                            "choose a writable location with --output") from None
+                            "choose a writable location with --save_file") from None
 
         # The encoders live in a container that is never written to: the per-chunk muxers copy their
         # codec parameters (SPS/PPS, AudioSpecificConfig) from its streams.

@@ -428,7 +428,7 @@ def test_mp4_writer_abort_and_misuse(tmp_path):
 def test_mp4_writer_unwritable_location(tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    with pytest.raises(UserError, match="--output"):
+    with pytest.raises(UserError, match="--save_file"):
         media.MP4Writer(blocker / "out.mp4", width=W, height=H)  # parent is a file
     with pytest.raises(UserError, match="is a directory"):
         media.MP4Writer(tmp_path, width=W, height=H)

@@ -1,0 +1,100 @@
+"""The streaming session on the tiny preset: determinism, online vs offline decode, lengths, sink refresh."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from liveavatar.pipeline import DROP_FIRST_FRAMES, GenerationOptions, Pipeline, stream_length
+
+SIZE = 128 * 128  # a 1:1 image -> 128x128 video, latent 16x16, 64 tokens per latent frame
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.tiny(seed=0)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    img = (rng.random((160, 160, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(d / "face.png")
+    t = np.arange(int(16000 * 2.5)) / 16000
+    wave = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 2 * t))
+    sf.write(d / "speech.wav", wave.astype(np.float32), 16000)
+    return str(d / "face.png"), str(d / "speech.wav")
+
+
+def _frames(pipe, inputs, **kw):
+    opts = GenerationOptions(size=SIZE, **kw)
+    session = pipe.session(inputs[0], inputs[1], "a person talking", opts)
+    chunks = list(session)
+    return session, chunks, np.concatenate([c.frames for c in chunks])
+
+
+def test_same_seed_same_frames_and_other_seed_differs(pipe, inputs):
+    _, _, a = _frames(pipe, inputs, num_clip=1, seed=7)
+    _, _, b = _frames(pipe, inputs, num_clip=1, seed=7)
+    _, _, c = _frames(pipe, inputs, num_clip=1, seed=8)
+    assert a.dtype == np.uint8 and a.shape == (48 - DROP_FIRST_FRAMES, 128, 128, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_online_and_offline_decode_give_identical_frames(pipe, inputs):
+    _, on_chunks, on = _frames(pipe, inputs, num_clip=2, seed=3, online_decode=True)
+    _, off_chunks, off = _frames(pipe, inputs, num_clip=2, seed=3, online_decode=False)
+    assert np.array_equal(on, off)
+    assert [len(c.frames) for c in on_chunks] == [len(c.frames) for c in off_chunks]
+
+
+def test_frame_count_is_48n_minus_3_and_chunks_carry_their_audio(pipe, inputs):
+    session, chunks, frames = _frames(pipe, inputs, num_clip=2, seed=1)
+    assert len(frames) == 48 * 2 - 3 == session.num_frames
+    assert [len(c.frames) for c in chunks] == [9] + [12] * 7
+    assert [c.frame_start for c in chunks] == list(np.cumsum([0] + [len(c.frames) for c in chunks[:-1]]))
+    # 16 kHz audio: 640 samples per frame; the track starts 3 frames into the speech
+    audio = np.concatenate([c.audio for c in chunks])
+    assert len(audio) == len(frames) * 640
+    wave = sf.read(inputs[1], dtype="float32")[0]
+    n = min(len(wave) - 3 * 640, len(audio))
+    assert np.allclose(audio[:n], wave[3 * 640 : 3 * 640 + n], atol=1e-6)
+    assert np.all(audio[n:] == 0)
+
+
+def test_default_length_follows_the_audio(pipe, inputs):
+    session, _, frames = _frames(pipe, inputs, seed=1)
+    audio_frames = int(np.ceil(2.5 * 25))
+    assert len(frames) == session.num_frames == audio_frames - DROP_FIRST_FRAMES
+    assert session.num_clips == 2  # 63 audio frames need two 48-frame clips
+
+
+@pytest.mark.parametrize("seconds,clips,frames,blocks", [(1.0, 1, 22, 3), (1.92, 1, 45, 4), (1.96, 2, 46, 5),
+                                                          (10.0, 6, 247, 21)])
+def test_stream_length(seconds, clips, frames, blocks):
+    got = stream_length(int(seconds * 16000), GenerationOptions())
+    assert (got.num_clips, got.num_frames, got.num_blocks) == (clips, frames, blocks)
+    fixed = stream_length(int(seconds * 16000), GenerationOptions(num_clip=3))
+    assert (fixed.num_clips, fixed.num_frames, fixed.num_blocks) == (3, 141, 12)
+
+
+def test_sink_is_refreshed_with_the_first_generated_latent(pipe, inputs):
+    opts = GenerationOptions(size=SIZE, num_clip=2, seed=5)
+    session = pipe.session(inputs[0], inputs[1], "a person talking", opts)
+    latents = list(session.latents())
+    # After the run the sink holds the prefill of (first generated latent, motion latents).
+    from liveavatar.kv_cache import SinkCache
+
+    ref = SinkCache.allocate(pipe.preset.dit, session.layout, pipe.dtype)
+    with torch.no_grad():
+        pipe.dit.prefill_sink(latents[0][:, :, :1], session.motion_latents, session.text, ref)
+    assert torch.equal(ref.k, session.sink.k)
+    # Without the refresh the second clip differs.
+    plain = pipe.session(inputs[0], inputs[1], "a person talking",
+                         GenerationOptions(size=SIZE, num_clip=2, seed=5, sink_refresh=False))
+    other = list(plain.latents())
+    assert all(torch.equal(a, b) for a, b in zip(latents[:4], other[:4], strict=True))
+    assert not torch.equal(latents[4], other[4])
