@@ -221,7 +221,8 @@ class Session:
             ctx = pipe.run_encoder(pipe.text_encoder, lambda m: encode_text(m, pipe.tokenizer, prompt))
             self.text = pipe.dit.embed_text(ctx.to(dev))
             feats = pipe.run_encoder(pipe.audio_encoder, lambda m: m.features(self.wave, self.num_clips * f, fps=fps))
-            self.audio_feats = feats.to(dev, dtype)  # [1, 25, C_a, N·F]
+            # [1, 25, C_a, N·F] kept in host memory (51 KB a frame in bf16); each block moves its slice.
+            self.audio_feats = feats.to("cpu", dtype)
             ref = ref.to(dev, dtype)
             # Reference latent: second latent of the 5-frame still clip; motion: 73-frame still clip.
             self.ref_latent = pipe.vae.encode(ref[None, :, None].expand(1, 3, 5, -1, -1))[:, :, 1:2]
@@ -251,7 +252,7 @@ class Session:
         """4-step denoise of block n (absolute latent frames 3n..3n+2). noise: [1, C, 3, h, w]."""
         fpb = self.pipe.preset.dit.frames_per_block
         lo, hi = self.pipe.preset.dit.rsfm_d_range
-        a = self.audio_feats[..., 4 * fpb * n: 4 * fpb * (n + 1)]
+        a = self.audio_feats[..., 4 * fpb * n: 4 * fpb * (n + 1)].to(self.pipe.device, non_blocking=True)
         z = noise
         for i, t in enumerate(self.schedule.timesteps):
             v = self.pipe.dit(z, t, a, self.text, self.rings[i], self.sink, frame_start=fpb * n,

@@ -255,11 +255,16 @@ class TextTokenizer:
 
 @torch.no_grad()
 def encode_text(encoder: T5Encoder, tokenizer: TextTokenizer, prompt: str) -> torch.Tensor:
-    """Encode one prompt and keep its real tokens (EOS included): -> [L_true, dim] in the encoder dtype."""
+    """Encode one prompt and keep its real tokens (EOS included): -> [L_true, dim] in the encoder dtype.
+
+    Only the real tokens are run: padding keys are masked out in every layer, so the real tokens'
+    outputs equal those of the official padded 512-token pass (up to summation order) at a fraction
+    of the cost, which matters when the encoder runs on the CPU."""
     ids, mask = tokenizer(prompt)  # [1, text_len] each
+    n = int(mask.sum())
     device = encoder.token_embedding.weight.device
-    out = encoder(ids.to(device), mask.to(device))  # [1, text_len, dim]
-    return out[0, : int(mask.sum())]
+    out = encoder(ids[:, :n].to(device), mask[:, :n].to(device))  # [1, n, dim]
+    return out[0]
 
 
 __all__ = ["T5Encoder", "TextTokenizer", "clean_prompt", "encode_text", "relative_position_bucket"]
