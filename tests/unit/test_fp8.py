@@ -22,6 +22,16 @@ from liveavatar.fp8 import DEFAULT_SKIP, FP8Linear, apply_fp8, count_fp8, fp8_nb
 from liveavatar.kv_cache import RingKVCache, SinkCache, SinkLayout
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model's ops are too small for intra-op threads; on a busy 2-core machine they only
+    contend (a tenfold slowdown), so this module runs single-threaded and restores the setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def e4m3_round(x: np.ndarray) -> np.ndarray:
     """Round float64 values (|x| <= 448) to the nearest e4m3fn value, ties to even: 3 mantissa bits,
     minimum normal exponent -6 (subnormal step 2^-9)."""
