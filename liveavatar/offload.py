@@ -8,12 +8,14 @@ one flat byte buffer in host memory (page-locked when CUDA is used; FP8, fp32 an
 by side at 256-byte aligned offsets), and its parameters become typed views into one of two
 preallocated device slots (groups alternate slots). Forward pre-hooks on the blocks move the
 weights: before block i runs, the compute stream waits for the event "group i copied"; the copy of
-the next streamed group into the other slot is issued on a side stream after an event recorded on
-the compute stream says everything that used that slot (the previous group, its injector included)
-has been enqueued. No host synchronisation happens per block, the device addresses never change
-(the schedule can be captured in a CUDA graph; call `join()` before ending a capture), and the ring
-wraps across forwards (the last groups prefetch the first). On a CPU "device" the same code runs
-with synchronous copies, which is what the unit tests compare against the resident model.
+the next streamed group into the other slot is issued on a side stream behind an event recorded on
+the compute stream after everything that reads that slot (the previous group, its injector
+included). No host synchronisation happens per block and device addresses never change, so nothing
+stops a CUDA-graph capture of the schedule (call `join()` before ending one; not yet exercised on a
+GPU). The ring wraps across forwards: the last groups prefetch the first (with an odd number of
+streamed groups the first one shares the last one's slot and is fetched once the resident blocks
+start, or unoverlapped when none is resident). On a CPU "device" the same code runs with
+synchronous copies, which is what the unit tests compare against the resident model.
 Inference only: autograd would keep views of slots that are later overwritten.
 
 This follows the two-static-buffers + side-stream + events design of LightX2V (ecosystem.md §2.3)
