@@ -273,7 +273,8 @@ class BlockStreamer:
 def apply_block_streaming(model: nn.Module, resident: int, device, pin_memory: bool | None = None) -> BlockStreamer:
     """Keep the first `resident` groups (block + its audio injector) and all non-block weights on
     `device`; stream the others from host memory through two device slots. Modifies `model` in
-    place (apply after LoRA merge and `apply_fp8`) and returns the streaming state."""
+    place (apply after LoRA merge and `apply_fp8`; do not `.to()` the model afterwards) and returns
+    the streaming state."""
     return BlockStreamer(model, resident, device, pin_memory)
 
 
