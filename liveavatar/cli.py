@@ -80,10 +80,6 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
         if on:
             raise UserError(f"{flag}: multi-GPU pipelines are not available in this version; run on one GPU "
                             "(drop the flag)")
-    if args.fp8:
-        raise UserError("--fp8: FP8 weights are not available in this version; drop the flag")
-    if args.offload_kv_cache:
-        raise UserError("--offload_kv_cache is not available in this version; drop the flag")
     if args.pose_video:
         raise UserError("--pose_video is not supported (Live Avatar always runs without pose); drop the flag")
     if args.audio and "+" in args.audio and not os.path.exists(args.audio):
@@ -95,6 +91,33 @@ def _default_save_file(args: argparse.Namespace) -> str:
 
     stem = "_".join(args.prompt.split())[:50].replace("/", "_")
     return os.path.join("output", f"{time.strftime('%Y%m%d_%H%M%S')}_{args.sample_steps}step_{stem}.mp4")
+
+
+def _check_fits(args, preset, runtime, device: str, height: int, width: int, infer_frames: int) -> str | None:
+    """Refuse, before any weight is loaded, a configuration the planner says will not fit the GPU
+    (on CUDA, or anywhere when --gpu_memory is given). Caps the CUDA allocator at --gpu_memory."""
+    import torch
+
+    from liveavatar.memory import GiB, GPUSpec, format_plan, plan, predict
+
+    total = None
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if args.gpu_memory is None and total is None:
+        return None
+    cap = args.gpu_memory * GiB if args.gpu_memory else total
+    if total is not None and args.gpu_memory:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(device))
+    gpu = GPUSpec.guess(cap / GiB)
+    p = predict(preset, runtime, gpu, height, width, infer_frames)
+    table = format_plan(p, gpu)
+    if not p.fits:
+        print(table, file=sys.stderr)
+        best = plan(preset, gpu, height, width, infer_frames)
+        fix = ("use: " + " ".join(best.config.flags())) if best.fits else (best.note or "use a smaller --size")
+        raise UserError(f"this configuration needs {p.gpus[0].peak_bytes / GiB:.1f} GiB but the GPU budget is "
+                        f"{p.budget_bytes / GiB:.1f} GiB (table above); {fix}")
+    return table
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -125,33 +148,134 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     save_file = args.save_file or _default_save_file(args)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = _runtime_from_args(args)
+    table = _check_fits(args, preset, runtime, device, inputs.height, inputs.width, opts.infer_frames)
     length = stream_length(len(inputs.wave), opts, preset.fps, preset.dit.frames_per_block)
     track = muxed_audio(inputs.wave, length.num_frames, preset.fps)
     with media.MP4Writer(save_file, width=inputs.width, height=inputs.height, fps=preset.fps,
                          audio=track, sample_rate=media.SAMPLE_RATE) as writer:
-        t0 = time.time()
-        if preset.name == "tiny":
-            pipe = Pipeline.tiny(device=device)
-        else:
-            enc = "cpu" if (args.offload_model or args.t5_cpu) else None
-            pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
-                                            encoders_device=enc)
-        session = pipe.session(inputs, prompt=args.prompt, options=opts)
-        print(f"{inputs.width}x{inputs.height}, {session.num_frames} frames in {session.num_blocks} blocks "
-              f"({session.num_clips} clips), seed {seed}, setup {time.time() - t0:.1f}s -> {save_file}",
-              file=sys.stderr)
-        bar = tqdm(total=session.num_blocks, unit="block", file=sys.stderr, dynamic_ncols=True)
-        t1 = time.time()
-        frames = 0
-        for chunk in session:
-            writer.write(chunk.frames)
-            frames += len(chunk.frames)
-            bar.set_postfix_str(f"{frames} frames, {frames / (time.time() - t1):.2f} fps")
-            bar.update(1)
-        bar.close()
+        try:
+            t0 = time.time()
+            if preset.name == "tiny":
+                pipe = Pipeline.tiny(device=device, runtime=runtime)
+            else:
+                pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
+                                                runtime=runtime)
+            session = pipe.session(inputs, prompt=args.prompt, options=opts)
+            print(f"{inputs.width}x{inputs.height} (WxH), {session.num_frames} frames in {session.num_blocks} "
+                  f"blocks ({session.num_clips} clips), seed {seed}, setup {time.time() - t0:.1f}s -> {save_file}",
+                  file=sys.stderr)
+            bar = tqdm(total=session.num_blocks, unit="block", file=sys.stderr, dynamic_ncols=True)
+            t1 = time.time()
+            frames = 0
+            for chunk in session:
+                writer.write(chunk.frames)
+                frames += len(chunk.frames)
+                bar.set_postfix_str(f"{frames} frames, {frames / (time.time() - t1):.2f} fps")
+                bar.update(1)
+            bar.close()
+        except torch.OutOfMemoryError:
+            if table:
+                print(table, file=sys.stderr)
+            raise UserError("the GPU ran out of memory; the table above is the plan for this configuration: "
+                            "run `liveavatar plan --auto` with your GPU memory and use the flags it prints") from None
         path = writer.close()
     print(f"saved {path} ({frames} frames, {frames / preset.fps:.2f}s) in {time.time() - t0:.1f}s")
     return 0
+
+
+def _runtime_from_args(args: argparse.Namespace):
+    from liveavatar.memory import RuntimeConfig
+
+    kv = args.kv_on_device
+    if getattr(args, "offload_kv_cache", False) and kv is None:
+        kv = 0
+    return RuntimeConfig(fp8=args.fp8, resident_blocks=args.resident_blocks, kv_on_device=kv,
+                         t5_cpu=args.t5_cpu, offload_model=args.offload_model)
+
+
+def _gpus(args: argparse.Namespace) -> tuple[int, float | None]:
+    """(count, GiB each) from --gpus N | NxGB and --gpu_memory GB."""
+    spec = str(args.gpus)
+    if "x" in spec:
+        n, _, gb = spec.partition("x")
+        try:
+            return int(n), float(gb)
+        except ValueError:
+            raise UserError(f"--gpus {spec!r} is not of the form N or NxGB (e.g. 4x24)") from None
+    try:
+        return int(spec), args.gpu_memory
+    except ValueError:
+        raise UserError(f"--gpus {spec!r} is not of the form N or NxGB (e.g. 4x24)") from None
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from liveavatar import media
+    from liveavatar.config import get_preset
+    from liveavatar.memory import GPUSpec, format_plan, plan, predict
+
+    preset = get_preset(args.preset)
+    n_gpus, gb = _gpus(args)
+    if gb is None:
+        raise UserError("give the GPU memory: --gpu_memory 24 (GB) or --gpus 1x24")
+    if args.infer_frames <= 0 or args.infer_frames % 12:
+        raise UserError(f"--infer_frames {args.infer_frames} is not a positive multiple of 12; use 48")
+    ah, aw = (int(x) for x in args.aspect.split(":")) if ":" in args.aspect else (16, 9)
+    height, width = media.target_size(ah * 80, aw * 80, media.parse_size(args.size))
+    gpu = GPUSpec.guess(gb)
+    gpu = GPUSpec(gpu.memory_bytes, args.tflops or gpu.tflops, gpu.fp8_tflops, args.link_gbps or gpu.link_gbps)
+    if args.auto:
+        p = plan(preset, gpu, height, width, args.infer_frames, allow_fp8=not args.no_fp8)
+    else:
+        p = predict(preset, _runtime_from_args(args), gpu, height, width, args.infer_frames)
+    idle = [{"peak_bytes": 0, "components": {}, "note": "idle: multi-GPU pipelines are not available yet"}
+            for _ in range(n_gpus - 1)]
+    if args.json:
+        out = p.to_json()
+        out["gpus"] += idle
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_plan(p, gpu))
+        if idle:
+            print(f"GPUs 1..{n_gpus - 1}: idle (multi-GPU pipelines are not available in this version)")
+        if p.fits:
+            print("run: liveavatar generate " + " ".join(p.config.flags()) + f" --size {args.size} "
+                  f"--gpu_memory {gb:g}")
+        elif not args.auto:
+            best = plan(preset, gpu, height, width, args.infer_frames)
+            if best.fits:
+                print("what fits: liveavatar generate " + " ".join(best.config.flags()) + f" --size {args.size}")
+            else:
+                print(best.note or f"nothing fits in {gb:g} GiB; try a smaller --size")
+    return 0 if p.fits else 1
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fp8", action="store_true", help="DiT Linear weights in FP8 e4m3 (after the LoRA merge)")
+    p.add_argument("--resident_blocks", type=int, default=None,
+                   help="keep K transformer blocks on the GPU and stream the rest from host memory")
+    p.add_argument("--kv_on_device", type=int, default=None,
+                   help="denoising-step KV caches kept on the GPU (the rest in host memory, staged per layer)")
+    p.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
+    p.add_argument("--offload_model", type=_str2bool, nargs="?", const=True, default=True,
+                   help="keep the text and audio encoders in host memory between uses (default true)")
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="predict per-GPU memory for a configuration, or pick one that fits (--auto)")
+    p.add_argument("--preset", default="s2v-14b", choices=sorted(PRESETS))
+    p.add_argument("--gpus", default="1", help="N, or NxGB (e.g. 4x24)")
+    p.add_argument("--gpu_memory", type=float, default=None, help="GB of memory per GPU")
+    p.add_argument("--size", default="704*384", help="area cap H*W (default 704*384)")
+    p.add_argument("--aspect", default="16:9", help="image aspect H:W (default 16:9, a portrait)")
+    p.add_argument("--infer_frames", type=int, default=48)
+    p.add_argument("--auto", action="store_true", help="pick the fastest configuration that fits")
+    p.add_argument("--no_fp8", action="store_true", help="with --auto: keep bf16 weights")
+    p.add_argument("--tflops", type=float, default=None, help="GPU dense bf16 TFLOP/s for the speed estimate")
+    p.add_argument("--link_gbps", type=float, default=None, help="host-to-GPU GB/s for the speed estimate")
+    p.add_argument("--json", action="store_true")
+    _add_runtime_flags(p)
+    p.set_defaults(func=_cmd_plan)
 
 
 def _add_generate(sub) -> None:
@@ -176,9 +300,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--base_seed", type=int, default=42, help="seed (-1: random); a seed reproduces a video")
     p.add_argument("--save_file", default=None, help="output MP4 (default: output/<time>_<prompt>.mp4)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--offload_model", type=_str2bool, nargs="?", const=True, default=False,
-                   help="keep the text and audio encoders in host memory between uses")
-    p.add_argument("--t5_cpu", action="store_true", help="keep the text encoder in host memory")
+    _add_runtime_flags(p)
+    p.add_argument("--gpu_memory", type=float, default=None,
+                   help="GB of GPU memory to use (caps the allocator; default: the whole GPU)")
+    p.add_argument("--offload_kv_cache", action="store_true", help="keep every KV cache in host memory "
+                   "(same as --kv_on_device 0)")
     p.add_argument("--enable_online_decode", action="store_true",
                    help="accepted: blocks are always decoded as they finish unless --offline_decode")
     p.add_argument("--offline_decode", action="store_true", help="decode all latents at the end (same frames)")
@@ -193,8 +319,6 @@ def _add_generate(sub) -> None:
     p.add_argument("--ulysses_size", type=int, default=None)
     p.add_argument("--dit_fsdp", action="store_true")
     p.add_argument("--t5_fsdp", action="store_true")
-    p.add_argument("--fp8", action="store_true")
-    p.add_argument("--offload_kv_cache", action="store_true")
     p.add_argument("--pose_video", default=None)
     p.set_defaults(func=_cmd_generate)
 
@@ -203,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liveavatar", description="Live Avatar: streaming avatar video")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_generate(sub)
+    _add_plan(sub)
 
     p = sub.add_parser("check-ckpt", help="verify checkpoint files from their headers (no weights read)")
     p.add_argument("--ckpt_dir", required=True, help="the Wan2.2-S2V-14B folder")

@@ -378,13 +378,15 @@ class CausalS2VDiT(nn.Module):
 
         for i, block in enumerate(self.blocks):
             def attend(q, k, v, i=i):
-                k = apply_rope(k, cos_q, sin_q)
-                ring.k[i, :, slot:slot + seg] = k
-                ring.v[i, :, slot:slot + seg] = v
+                rk, rv = ring.layer(i)  # [B, ring_len, N, d] on the compute device
+                rk[:, slot:slot + seg] = apply_rope(k, cos_q, sin_q)
+                rv[:, slot:slot + seg] = v
                 sk = apply_rope(sink.k[i], cos_s, sin_s)
-                keys = torch.cat([ring.k[i, :, :n_active], sk], dim=1)
-                vals = torch.cat([ring.v[i, :, :n_active], sink.v[i]], dim=1)
-                return attention(apply_rope(q, cos_q, sin_q), keys, vals)
+                keys = torch.cat([rk[:, :n_active], sk], dim=1)
+                vals = torch.cat([rv[:, :n_active], sink.v[i]], dim=1)
+                out = attention(apply_rope(q, cos_q, sin_q), keys, vals)
+                ring.commit(i, slot, slot + seg)
+                return out
 
             x = block(x, e0, text, attend, frames=f)
             if i in self.inject_index:

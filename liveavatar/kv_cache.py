@@ -100,9 +100,94 @@ class RingKVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def to(self, device, non_blocking: bool = False) -> RingKVCache:
-        return RingKVCache(self.k.to(device, non_blocking=non_blocking),
-                           self.v.to(device, non_blocking=non_blocking), self.fs, self.ring_frames)
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes this cache occupies on the compute device."""
+        return self.nbytes
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's ring K and V, [B, ring_len, N, d], on the compute device (written in place)."""
+        return self.k[i], self.v[i]
+
+    def commit(self, i: int, start: int, end: int) -> None:
+        """Layer i is done with its ring; tokens [start, end) were written. Nothing to do when resident."""
+
+
+class HostRingKVCache(RingKVCache):
+    """A ring cache kept in (pinned) host memory and staged one layer at a time through two device
+    slots: layer i+1 is copied in on a side stream while layer i computes, and only the tokens a
+    block writes go back. Same interface and the same numbers as a resident `RingKVCache`; device
+    memory is two layers' K and V instead of all of them."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, fs: int, ring_frames: int, device):
+        super().__init__(k, v, fs, ring_frames)
+        self.device = torch.device(device)
+        shape = (2, 2, *k.shape[1:])  # [slot, k/v, B, T, N, d]
+        self.slots = torch.empty(shape, dtype=k.dtype, device=self.device)
+        self.loaded: list[int | None] = [None, None]
+        if self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(self.device)
+            self.ready = [torch.cuda.Event(), torch.cuda.Event()]
+            self.free = [torch.cuda.Event(), torch.cuda.Event()]
+        else:
+            self.stream = None
+
+    @staticmethod
+    def device_bytes_for(cfg: DiTConfig, fs: int, dtype: torch.dtype, batch: int = 1) -> int:
+        return 2 * RingKVCache.bytes_for(cfg, fs, dtype, batch) // cfg.num_layers
+
+    @classmethod
+    def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1):
+        shape = cls.shape_for(cfg, fs, batch)
+        pin = torch.device(device).type == "cuda"
+        k = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+        v = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+        return cls(k, v, fs, cfg.ring_frames, device)
+
+    @property
+    def device_nbytes(self) -> int:
+        return self.slots.nbytes
+
+    def _fetch(self, i: int) -> None:
+        s = i % 2
+        if self.loaded[s] == i:
+            return
+        self.loaded[s] = i
+        if self.stream is None:
+            self.slots[s, 0].copy_(self.k[i])
+            self.slots[s, 1].copy_(self.v[i])
+            return
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.free[s])  # the slot's previous layer is done and written back
+            self.slots[s, 0].copy_(self.k[i], non_blocking=True)
+            self.slots[s, 1].copy_(self.v[i], non_blocking=True)
+            self.ready[s].record(self.stream)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._fetch(i)
+        s = i % 2
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[s])
+        if i + 1 < self.k.shape[0]:
+            self._fetch(i + 1)  # overlaps layer i's compute
+        return self.slots[s, 0], self.slots[s, 1]
+
+    def commit(self, i: int, start: int, end: int) -> None:
+        s = i % 2
+        if self.stream is None:
+            self.k[i, :, start:end].copy_(self.slots[s, 0, :, start:end])
+            self.v[i, :, start:end].copy_(self.slots[s, 1, :, start:end])
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(done)
+            self.k[i, :, start:end].copy_(self.slots[s, 0, :, start:end], non_blocking=True)
+            self.v[i, :, start:end].copy_(self.slots[s, 1, :, start:end], non_blocking=True)
+            self.free[s].record(self.stream)
+        # The slot holds a stale copy of layer i from now on only if another layer reuses it; a later
+        # call for the same layer re-fetches (the host copy is the truth).
+        self.loaded[s] = None
 
 
 class SinkCache:

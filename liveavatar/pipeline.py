@@ -31,7 +31,8 @@ from liveavatar import media
 from liveavatar.config import Preset
 from liveavatar.dit import CausalS2VDiT
 from liveavatar.errors import UserError
-from liveavatar.kv_cache import RingKVCache, SinkCache, SinkLayout
+from liveavatar.kv_cache import HostRingKVCache, RingKVCache, SinkCache, SinkLayout
+from liveavatar.memory import RuntimeConfig
 from liveavatar.sampler import euler_step, make_schedule
 from liveavatar.t5 import encode_text
 from liveavatar.vae import VAEStreamState
@@ -130,14 +131,30 @@ class Pipeline:
     """Holds the models of one preset on one device; makes sessions."""
 
     def __init__(self, preset: Preset, dit: CausalS2VDiT, vae, text_encoder, tokenizer, audio_encoder,
-                 device: str | torch.device = "cpu"):
-        self.preset, self.dit, self.vae = preset, dit, vae
+                 device: str | torch.device = "cpu", runtime: RuntimeConfig | None = None):
+        """`dit` is in host memory when `runtime` asks for FP8 or block streaming (they are applied
+        here), else anywhere; the other models are where they will live."""
+        self.preset, self.vae = preset, vae
         self.text_encoder, self.tokenizer, self.audio_encoder = text_encoder, tokenizer, audio_encoder
         self.device = torch.device(device)
+        self.runtime = runtime or RuntimeConfig()
         self.dtype = dit.patch_embedding.weight.dtype
+        self.dit, self.streamer = self._place_dit(dit)
+
+    def _place_dit(self, dit: CausalS2VDiT):
+        rt = self.runtime
+        if rt.fp8:
+            from liveavatar.fp8 import apply_fp8
+
+            apply_fp8(dit)  # after the LoRA merge, as the official code does
+        if rt.resident_blocks is not None and rt.resident_blocks < len(dit.blocks):
+            from liveavatar.offload import apply_block_streaming
+
+            return dit, apply_block_streaming(dit, rt.resident_blocks, self.device)
+        return dit.to(self.device), None
 
     @classmethod
-    def tiny(cls, seed: int = 0, device="cpu") -> Pipeline:
+    def tiny(cls, seed: int = 0, device="cpu", runtime: RuntimeConfig | None = None) -> Pipeline:
         """The built-in tiny model: deterministic random weights, no checkpoint needed."""
         from liveavatar.audio import AudioEncoder
         from liveavatar.config import TINY
@@ -149,32 +166,38 @@ class Pipeline:
         vae = WanVAE(TINY.vae).eval()
         t5 = T5Encoder(TINY.t5).eval()
         audio = AudioEncoder.random(TINY.audio, seed=seed)
-        for m in (dit, vae, t5):
-            m.to(device)
-        return cls(TINY, dit, vae, t5, TextTokenizer.builtin(TINY.t5.vocab_size), audio, device)
+        runtime = runtime or RuntimeConfig()
+        enc_dev = "cpu" if runtime.offload_model or runtime.t5_cpu else device
+        vae.to(device)
+        t5.to("cpu" if runtime.t5_cpu else enc_dev)
+        audio.to(enc_dev)
+        return cls(TINY, dit, vae, t5, TextTokenizer.builtin(TINY.t5.vocab_size), audio, device, runtime)
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str, lora_path: str | None = None, preset: Preset | None = None,
-                        device="cuda", dtype: torch.dtype = torch.bfloat16, encoders_device=None) -> Pipeline:
+                        device="cuda", dtype: torch.dtype = torch.bfloat16,
+                        runtime: RuntimeConfig | None = None) -> Pipeline:
         """The real model from the official folders: `Wan2.2-S2V-14B/` and the Live Avatar LoRA.
 
-        `encoders_device` holds the text and audio encoders (default: `device`); they are moved to
-        `device` only while they run when it differs (the official `--offload_model` / `--t5_cpu`)."""
+        With `runtime.offload_model` the text and audio encoders live in host memory and move to the
+        device only while they run; with `runtime.t5_cpu` the text encoder runs on the CPU."""
         from liveavatar import checkpoint as ck
         from liveavatar.audio import AudioEncoder
         from liveavatar.config import S2V_14B
         from liveavatar.t5 import TextTokenizer
 
         preset = preset or S2V_14B
+        runtime = runtime or RuntimeConfig()
         paths = ck.ckpt_paths(ckpt_dir)
-        enc_dev = encoders_device or device
+        enc_dev = "cpu" if runtime.offload_model else device
         tokenizer = TextTokenizer.from_folder(paths.tokenizer, preset.t5.text_len)
         audio = AudioEncoder.from_folder(paths.audio, dtype).to(enc_dev).eval()
-        dit = ck.load_dit(paths.root, preset.dit, dtype, device, lora_path=lora_path,
+        host_first = runtime.fp8 or runtime.resident_blocks is not None  # transformed in host memory
+        dit = ck.load_dit(paths.root, preset.dit, dtype, "cpu" if host_first else device, lora_path=lora_path,
                           lora_rank=preset.lora_rank, lora_alpha=preset.lora_alpha).eval()
         vae = ck.load_vae(paths.vae, preset.vae, dtype, device).eval()
-        t5 = ck.load_t5(paths.t5, preset.t5, dtype, enc_dev).eval()
-        return cls(preset, dit, vae, t5, tokenizer, audio, device)
+        t5 = ck.load_t5(paths.t5, preset.t5, dtype, "cpu" if runtime.t5_cpu else enc_dev).eval()
+        return cls(preset, dit, vae, t5, tokenizer, audio, device, runtime)
 
     def session(self, image: str | Inputs, audio: str | None = None, prompt: str = "",
                 options: GenerationOptions | None = None) -> Session:
@@ -184,8 +207,11 @@ class Pipeline:
         return Session(self, inputs, prompt, opts)
 
     def run_encoder(self, module, fn):
-        """Run `fn(module)` with the module on the compute device, then put it back where it lives."""
+        """Run `fn(module)` on the compute device, then put the module back where it lives; the text
+        encoder stays on the CPU with `runtime.t5_cpu`."""
         home = next(module.parameters()).device
+        if module is self.text_encoder and self.runtime.t5_cpu:
+            return fn(module)
         if home != self.device:
             module.to(self.device)
         try:
@@ -228,7 +254,9 @@ class Session:
             self.ref_latent = pipe.vae.encode(ref[None, :, None].expand(1, 3, 5, -1, -1))[:, :, 1:2]
             self.motion_latents = pipe.vae.encode(ref[None, :, None].expand(1, 3, cfg.motion_frames, -1, -1))
 
-        self.rings = [RingKVCache.allocate(cfg, self.layout.fs, dtype, dev) for _ in range(len(self.schedule))]
+        n_dev = len(self.schedule) if pipe.runtime.kv_on_device is None else pipe.runtime.kv_on_device
+        self.rings = [(RingKVCache if i < n_dev else HostRingKVCache).allocate(cfg, self.layout.fs, dtype, dev)
+                      for i in range(len(self.schedule))]
         self.sink = SinkCache.allocate(cfg, self.layout, dtype, dev)
         self._audio = None
         self.rng = random.Random(opts.seed)

@@ -1,0 +1,332 @@
+"""Memory model and planner: what a configuration needs on each GPU, before anything is loaded.
+
+Every number comes from the objects and shapes the runtime itself allocates, not from a separate
+guess: DiT weights per streaming group and dtype from the model built on `meta` (with `apply_fp8`
+applied on meta for FP8), the block-streaming slots from `liveavatar.offload`, ring and sink KV
+caches from `RingKVCache.bytes_for` / `SinkCache.bytes_for`, the streaming VAE state from
+`stream_state_nbytes`, and the encoders' weights from the models built on meta. Activation
+workspaces are derived from shapes (`block_workspace_bytes`, `vae_decode_workspace_bytes`): the
+largest set of tensors alive at once in one block forward / one latent decode of this
+implementation. They have not been measured on a GPU yet (docs/memory.md says so).
+
+`plan()` enumerates the runtime configurations this engine can run on one GPU, predicts each one's
+peak and time per block, and returns the fastest that fits, with the exact `generate` flags.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from liveavatar.config import Preset
+from liveavatar.kv_cache import HostRingKVCache, RingKVCache, SinkCache, SinkLayout
+
+GiB = 2**30
+GB = 10**9
+BF16 = torch.bfloat16
+CUDA_CONTEXT_BYTES = int(0.6 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside the caching allocator
+FRAGMENTATION = 0.05  # share of the budget kept free for allocator fragmentation
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """What the planner needs to know about one GPU (rates are dense bf16 tensor-core and host link)."""
+
+    memory_bytes: int
+    tflops: float = 165.0  # RTX 4090-class default
+    fp8_tflops: float | None = 330.0  # None: no FP8 tensor cores (sm < 8.9): FP8 weights are dequantised
+    link_gbps: float = 25.0  # host <-> device, GB/s (PCIe 4.0 x16 in practice)
+
+    @classmethod
+    def guess(cls, memory_gb: float) -> GPUSpec:
+        """Rates by memory size: 80+ GB -> H100 SXM-class, else a 24-48 GB Ada-class card."""
+        if memory_gb >= 75:
+            return cls(int(memory_gb * GiB), tflops=790.0, fp8_tflops=1580.0, link_gbps=50.0)
+        return cls(int(memory_gb * GiB))
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """One GPU's layout of a generation. Each field maps onto a `liveavatar generate` flag."""
+
+    fp8: bool = False  # --fp8: DiT Linear weights in e4m3
+    resident_blocks: int | None = None  # --resident_blocks K: the rest streamed from host (None: all)
+    kv_on_device: int | None = None  # --kv_on_device N: step caches kept on the GPU (None: all)
+    t5_cpu: bool = False  # --t5_cpu: text encoder runs on the CPU
+    offload_model: bool = True  # --offload_model: encoders live in host memory, on the GPU only while running
+
+    def flags(self) -> list[str]:
+        out = []
+        if self.fp8:
+            out.append("--fp8")
+        if self.resident_blocks is not None:
+            out += ["--resident_blocks", str(self.resident_blocks)]
+        if self.kv_on_device is not None:
+            out += ["--kv_on_device", str(self.kv_on_device)]
+        if self.t5_cpu:
+            out.append("--t5_cpu")
+        out += ["--offload_model", "true" if self.offload_model else "false"]
+        return out
+
+
+@dataclass
+class GPUPlan:
+    peak_bytes: int
+    steady_bytes: int
+    setup_bytes: int
+    components: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    fits: bool
+    config: RuntimeConfig
+    height: int
+    width: int
+    infer_frames: int
+    budget_bytes: int
+    gpus: list[GPUPlan]
+    seconds_per_block: float
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "fits": self.fits,
+            "config": asdict(self.config) | {"height": self.height, "width": self.width,
+                                             "infer_frames": self.infer_frames},
+            "flags": self.config.flags(),
+            "budget_bytes": self.budget_bytes,
+            "seconds_per_block_estimate": round(self.seconds_per_block, 3),
+            "gpus": [{"peak_bytes": g.peak_bytes, "steady_bytes": g.steady_bytes, "setup_bytes": g.setup_bytes,
+                      "components": g.components} for g in self.gpus],
+            "note": self.note,
+        }
+
+
+# ---- weights, from the models built on meta ----------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _dit_weight_bytes(preset: Preset, fp8: bool) -> tuple[tuple[int, ...], int]:
+    """(bytes of each streaming group, bytes outside the groups) of the DiT in bf16 or FP8."""
+    from liveavatar.dit import CausalS2VDiT
+    from liveavatar.offload import base_nbytes, group_nbytes
+
+    with torch.device("meta"):
+        model = CausalS2VDiT(preset.dit).to(BF16)
+    if fp8:
+        from liveavatar.fp8 import apply_fp8
+
+        apply_fp8(model)
+    return tuple(group_nbytes(model)), base_nbytes(model)
+
+
+@functools.lru_cache(maxsize=8)
+def _encoder_bytes(preset: Preset) -> dict[str, int]:
+    from liveavatar.checkpoint import inspect_preset
+
+    stats = {s.name: s for s in inspect_preset(preset.name)}
+    return {
+        "t5": stats["t5"].bytes_as(BF16),
+        "vae": stats["vae"].bytes_as(BF16),
+        "wav2vec2": stats["audio"].bytes_as(BF16),
+    }
+
+
+# ---- activations, derived from shapes ----------------------------------------------------------
+
+
+def block_workspace_bytes(preset: Preset, fs: int, itemsize: int = 2) -> int:
+    """Peak transient bytes of one block forward (self-attention phase, the larger one).
+
+    Alive at once: the residual in the compute dtype and in fp32, the modulated input, q/k/v, the roped
+    query and key (fp32 working copies while rotating), the re-roped sink keys (fp32 copies), the
+    concatenated keys and values over ring + sink, and the attention output."""
+    cfg = preset.dit
+    d = cfg.dim
+    lq = cfg.frames_per_block * fs
+    lk = cfg.ring_frames * fs + SinkLayout(fs_to_hw(fs)[0], fs_to_hw(fs)[1], cfg.zip_frame_buckets).num_tokens
+    ls = lk - cfg.ring_frames * fs
+    text = cfg.text_len * d * itemsize * 3  # text tokens + cross-attention K and V
+    return (
+        lq * d * (itemsize + 4)  # residual (dtype) + fp32 residual
+        + lq * d * (4 + itemsize)  # modulated input fp32 -> dtype
+        + 3 * lq * d * itemsize  # q, k, v
+        + 2 * lq * d * 4  # fp32 rotation working copies
+        + ls * d * (2 * 4 + itemsize)  # sink keys re-roped
+        + 2 * lk * d * itemsize  # keys and values over ring + sink
+        + lq * d * itemsize  # attention output
+        + text
+    )
+
+
+def fs_to_hw(fs: int) -> tuple[int, int]:
+    """Latent (h, w) of a square-ish layout with fs tokens (only the token count matters here)."""
+    import math
+
+    h2 = int(math.isqrt(fs))
+    while fs % h2:
+        h2 -= 1
+    return 2 * h2, 2 * (fs // h2)
+
+
+def vae_decode_workspace_bytes(preset: Preset, height: int, width: int, itemsize: int = 2) -> int:
+    """Peak transient bytes of decoding one latent frame: at full resolution, four activations of
+    the last stage (base width) over 4 output frames plus the 2 cached frames."""
+    c = preset.vae.dim
+    return 4 * c * (4 + 2) * height * width * itemsize
+
+
+# ---- the memory table of one configuration -----------------------------------------------------
+
+
+def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infer_frames: int = 48,
+               steps: int | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """(steady-state components, setup-only components) in bytes on the GPU for one configuration."""
+    from liveavatar.vae import stream_state_nbytes
+
+    steps = steps or preset.sampler.steps
+    h, w = height // 8, width // 8
+    layout = SinkLayout(h, w, preset.dit.zip_frame_buckets)
+    fs = layout.fs
+    groups, base = _dit_weight_bytes(preset, cfg.fp8)
+    k = len(groups) if cfg.resident_blocks is None else max(0, min(cfg.resident_blocks, len(groups)))
+    rest = groups[k:]
+    enc = _encoder_bytes(preset)
+    ring = RingKVCache.bytes_for(preset.dit, fs, BF16)
+    n_dev = steps if cfg.kv_on_device is None else max(0, min(cfg.kv_on_device, steps))
+    steady = {
+        "dit.weights.resident_blocks": sum(groups[:k]),
+        "dit.weights.other": base,
+        "dit.stream_slots": min(2, len(rest)) * max(rest, default=0),
+        "kv.ring_caches": n_dev * ring,
+        "kv.host_ring_slots": (steps - n_dev) * HostRingKVCache.device_bytes_for(preset.dit, fs, BF16),
+        "kv.sink": SinkCache.bytes_for(preset.dit, layout, BF16),
+        "dit.workspace": block_workspace_bytes(preset, fs),
+        "vae.weights": enc["vae"],
+        "vae.stream_state": stream_state_nbytes(preset.vae, h, w, BF16),
+        "vae.decode_workspace": vae_decode_workspace_bytes(preset, height, width),
+        "text_encoder": 0 if (cfg.offload_model or cfg.t5_cpu) else enc["t5"],
+        "audio_encoder": 0 if cfg.offload_model else enc["wav2vec2"],
+    }
+    setup = {
+        "text_encoder": 0 if cfg.t5_cpu or not cfg.offload_model else enc["t5"],
+        "audio_encoder": enc["wav2vec2"] if cfg.offload_model else 0,
+    }
+    return steady, setup
+
+
+def _peak(steady: dict[str, int], setup: dict[str, int]) -> tuple[int, int, int]:
+    """(peak, steady, setup) totals. The DiT and VAE workspaces are never alive at once; the encoders
+    run during setup, before the KV caches exist."""
+    transient = max(steady["dit.workspace"], steady["vae.decode_workspace"])
+    base = sum(v for k, v in steady.items() if k not in ("dit.workspace", "vae.decode_workspace"))
+    steady_total = base + transient
+    weights = sum(v for k, v in steady.items() if k.startswith(("dit.weights", "dit.stream", "vae.weights",
+                                                                 "text_encoder", "audio_encoder")))
+    setup_total = weights + max(setup.values(), default=0)
+    return max(steady_total, setup_total), steady_total, setup_total
+
+
+def forward_flops(preset: Preset, fs: int) -> float:
+    """Matmul FLOPs of one block forward (one denoising step) with a full ring."""
+    cfg = preset.dit
+    d, lq = cfg.dim, cfg.frames_per_block * fs
+    h, w = fs_to_hw(fs)
+    lk = cfg.ring_frames * fs + SinkLayout(h, w, cfg.zip_frame_buckets).num_tokens
+    t = cfg.text_len
+    per_block = 2 * lq * d * d * 6 + 2 * t * d * d * 2 + 2 * lq * d * cfg.ffn_dim * 2 + 4 * lq * (lk + t) * d
+    inject = len(cfg.audio_inject_layers) * 2 * lq * d * d * 2
+    return cfg.num_layers * per_block + inject
+
+
+def seconds_per_block(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: int, width: int,
+                      steps: int | None = None) -> float:
+    """Estimated seconds per block (all denoising steps): compute, or host transfers where they are
+    longer (they overlap compute through prefetch)."""
+    steps = steps or preset.sampler.steps
+    fs = (height // 16) * (width // 16)
+    rate = gpu.fp8_tflops if (cfg.fp8 and gpu.fp8_tflops) else gpu.tflops
+    compute = forward_flops(preset, fs) / (rate * 1e12)
+    if cfg.fp8 and not gpu.fp8_tflops:
+        compute *= 1.15  # dequantise-on-the-fly
+    groups, _ = _dit_weight_bytes(preset, cfg.fp8)
+    k = len(groups) if cfg.resident_blocks is None else cfg.resident_blocks
+    moved = sum(groups[k:])
+    n_dev = steps if cfg.kv_on_device is None else cfg.kv_on_device
+    ring = RingKVCache.bytes_for(preset.dit, fs, BF16)
+    kv_moved = (steps - n_dev) * ring * 1.25 / steps  # whole ring in, the new block's slots back
+    transfer = (moved + kv_moved) / (gpu.link_gbps * GB)
+    return steps * max(compute, transfer)
+
+
+def predict(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: int, width: int, infer_frames: int = 48,
+            steps: int | None = None) -> Plan:
+    steady, setup = components(preset, cfg, height, width, infer_frames, steps)
+    peak, steady_total, setup_total = _peak(steady, setup)
+    comps = dict(steady)
+    comps["setup.encoders"] = max(setup.values(), default=0)
+    comps["cuda_context"] = CUDA_CONTEXT_BYTES
+    budget = int(gpu.memory_bytes * (1 - FRAGMENTATION)) - CUDA_CONTEXT_BYTES
+    return Plan(peak <= budget, cfg, height, width, infer_frames, budget,
+                [GPUPlan(peak, steady_total, setup_total, comps)],
+                seconds_per_block(preset, cfg, gpu, height, width, steps))
+
+
+def candidates(preset: Preset, allow_fp8: bool = True) -> list[RuntimeConfig]:
+    """Every single-GPU layout the runtime supports, from most to least resident."""
+    n_blocks = preset.dit.num_layers
+    steps = preset.sampler.steps
+    out = []
+    for fp8 in (False, True) if allow_fp8 else (False,):
+        for kv in [None] + list(range(steps - 1, -1, -1)):
+            for k in [None] + list(range(n_blocks - 1, -1, -1)):
+                for t5_cpu in (False, True):
+                    out.append(RuntimeConfig(fp8=fp8, resident_blocks=k, kv_on_device=kv, t5_cpu=t5_cpu))
+    return out
+
+
+def plan(preset: Preset, gpu: GPUSpec, height: int, width: int, infer_frames: int = 48,
+         steps: int | None = None, allow_fp8: bool = True) -> Plan:
+    """The fastest fitting configuration, or (fits=False) the least memory-hungry one with a hint."""
+    best, smallest = None, None
+    for cfg in candidates(preset, allow_fp8):
+        p = predict(preset, cfg, gpu, height, width, infer_frames, steps)
+        if p.fits and (best is None or p.seconds_per_block < best.seconds_per_block - 1e-9):
+            best = p
+        if smallest is None or p.gpus[0].peak_bytes < smallest.gpus[0].peak_bytes:
+            smallest = p
+    if best is not None:
+        return best
+    smallest.note = (f"nothing fits in {gpu.memory_bytes / GiB:.0f} GiB at {height}x{width} (HxW): the smallest layout "
+                     f"needs {smallest.gpus[0].peak_bytes / GiB:.1f} GiB; use a smaller --size or a GPU with "
+                     f"more memory")
+    return smallest
+
+
+def format_plan(p: Plan, gpu: GPUSpec) -> str:
+    """One screen: per-GPU components, the predicted peak against the budget, and the verdict."""
+    g = p.gpus[0]
+    lines = [f"{p.height}x{p.width} (HxW), {p.infer_frames} frames a clip, flags: {' '.join(p.config.flags())}",
+             f"GPU 0: {gpu.memory_bytes / GiB:.1f} GiB, usable {p.budget_bytes / GiB:.2f} GiB "
+             f"(less {FRAGMENTATION:.0%} for fragmentation and {CUDA_CONTEXT_BYTES / GiB:.1f} GiB CUDA context)"]
+    for name, b in g.components.items():
+        if b:
+            lines.append(f"  {name:<30} {b / GiB:8.2f} GiB")
+    lines.append(f"  {'peak (max of setup, steady)':<30} {g.peak_bytes / GiB:8.2f} GiB "
+                 f"(setup {g.setup_bytes / GiB:.2f}, steady {g.steady_bytes / GiB:.2f})")
+    verdict = "fits" if p.fits else "does NOT fit"
+    lines.append(f"{verdict}; estimated {p.seconds_per_block:.2f} s a block "
+                 f"({12 / p.seconds_per_block:.1f} frames/s) at {gpu.tflops:.0f} TFLOP/s, {gpu.link_gbps:.0f} GB/s")
+    if p.note:
+        lines.append(p.note)
+    return "\n".join(lines)
+
+
+__all__ = [
+    "format_plan",
+    "GPUSpec", "Plan", "RuntimeConfig", "block_workspace_bytes", "candidates", "components", "forward_flops",
+    "plan", "predict", "replace", "seconds_per_block", "vae_decode_workspace_bytes",
+]
