@@ -109,10 +109,11 @@ class Plan:
 
 
 @functools.lru_cache(maxsize=8)
-def _dit_weight_bytes(preset: Preset, fp8: bool) -> tuple[tuple[int, ...], int]:
-    """(bytes of each streaming group, bytes outside the groups) of the DiT in bf16 or FP8."""
+def _dit_weight_bytes(preset: Preset, fp8: bool) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Per streaming group: (tensor bytes when resident, flat-buffer bytes when streamed), and the
+    bytes outside the groups, for the DiT in bf16 or FP8 (built on meta)."""
     from liveavatar.dit import CausalS2VDiT
-    from liveavatar.offload import base_nbytes, group_nbytes
+    from liveavatar.offload import base_nbytes, group_nbytes, stream_groups
 
     with torch.device("meta"):
         model = CausalS2VDiT(preset.dit).to(BF16)
@@ -120,7 +121,15 @@ def _dit_weight_bytes(preset: Preset, fp8: bool) -> tuple[tuple[int, ...], int]:
         from liveavatar.fp8 import apply_fp8
 
         apply_fp8(model)
-    return tuple(group_nbytes(model)), base_nbytes(model)
+
+    def raw(names):
+        seen = {}
+        for n in names:
+            for t in list(model.get_submodule(n).parameters()) + list(model.get_submodule(n).buffers()):
+                seen[id(t)] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    return tuple(raw(n) for n in stream_groups(model)), tuple(group_nbytes(model)), base_nbytes(model)
 
 
 @functools.lru_cache(maxsize=8)
@@ -191,9 +200,9 @@ def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infe
     h, w = height // 8, width // 8
     layout = SinkLayout(h, w, preset.dit.zip_frame_buckets)
     fs = layout.fs
-    groups, base = _dit_weight_bytes(preset, cfg.fp8)
+    groups, flat, base = _dit_weight_bytes(preset, cfg.fp8)
     k = len(groups) if cfg.resident_blocks is None else max(0, min(cfg.resident_blocks, len(groups)))
-    rest = groups[k:]
+    rest = flat[k:]
     enc = _encoder_bytes(preset)
     ring = RingKVCache.bytes_for(preset.dit, fs, BF16)
     n_dev = steps if cfg.kv_on_device is None else max(0, min(cfg.kv_on_device, steps))
@@ -252,9 +261,9 @@ def seconds_per_block(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: 
     compute = forward_flops(preset, fs) / (rate * 1e12)
     if cfg.fp8 and not gpu.fp8_tflops:
         compute *= 1.15  # dequantise-on-the-fly
-    groups, _ = _dit_weight_bytes(preset, cfg.fp8)
-    k = len(groups) if cfg.resident_blocks is None else cfg.resident_blocks
-    moved = sum(groups[k:])
+    _, flat, _ = _dit_weight_bytes(preset, cfg.fp8)
+    k = len(flat) if cfg.resident_blocks is None else cfg.resident_blocks
+    moved = sum(flat[k:])
     n_dev = steps if cfg.kv_on_device is None else cfg.kv_on_device
     ring = RingKVCache.bytes_for(preset.dit, fs, BF16)
     kv_moved = (steps - n_dev) * ring * 1.25 / steps  # whole ring in, the new block's slots back

@@ -1,0 +1,90 @@
+"""The planner's byte counts are the runtime's own: they equal the sums over the meta-built models and
+the objects the runtime allocates, exactly."""
+
+import pytest
+import torch
+
+from liveavatar.config import S2V_14B, TINY
+from liveavatar.dit import CausalS2VDiT
+from liveavatar.kv_cache import HostRingKVCache, RingKVCache, SinkCache, SinkLayout
+from liveavatar.memory import RuntimeConfig, _peak, components, forward_flops
+from liveavatar.vae import VAEStreamState, WanVAE, stream_state_nbytes
+
+
+def _param_bytes(model, dtype=None):
+    return sum(p.numel() * (torch.empty((), dtype=dtype).element_size() if dtype else p.element_size())
+               for p in model.parameters())
+
+
+def test_full_size_dit_weights_equal_the_meta_model():
+    steady, _ = components(S2V_14B, RuntimeConfig(), 704, 384)
+    with torch.device("meta"):
+        dit = CausalS2VDiT(S2V_14B.dit).to(torch.bfloat16)
+    total = steady["dit.weights.resident_blocks"] + steady["dit.weights.other"]
+    assert total == _param_bytes(dit) == 32_591_511_218
+
+
+def test_full_size_fp8_weights_equal_apply_fp8_on_meta():
+    from liveavatar.fp8 import apply_fp8
+
+    steady, _ = components(S2V_14B, RuntimeConfig(fp8=True), 704, 384)
+    with torch.device("meta"):
+        dit = apply_fp8(CausalS2VDiT(S2V_14B.dit).to(torch.bfloat16))
+    tensors = list(dit.parameters()) + list(dit.buffers())
+    assert steady["dit.weights.resident_blocks"] + steady["dit.weights.other"] == sum(
+        t.numel() * t.element_size() for t in tensors)
+
+
+def test_full_size_cache_bytes_equal_the_cache_objects_on_meta():
+    h, w = 704 // 8, 384 // 8
+    layout = SinkLayout(h, w)
+    steady, _ = components(S2V_14B, RuntimeConfig(kv_on_device=1), 704, 384)
+    ring = RingKVCache.allocate(S2V_14B.dit, layout.fs, torch.bfloat16, "meta")
+    sink = SinkCache.allocate(S2V_14B.dit, layout, torch.bfloat16, "meta")
+    assert steady["kv.ring_caches"] == ring.device_nbytes == 40 * 12 * 1056 * 2 * 5120 * 2  # 10.38 GB
+    assert steady["kv.sink"] == sink.nbytes == 40 * 2640 * 2 * 5120 * 2
+    assert steady["kv.host_ring_slots"] == 3 * 2 * ring.device_nbytes // 40
+
+
+def test_tiny_pipeline_objects_match_the_planner(tmp_path):
+    """Allocate what a tiny session allocates (device emulated on the CPU) and compare every byte count."""
+    from liveavatar.offload import apply_block_streaming
+
+    cfg = RuntimeConfig(resident_blocks=1, kv_on_device=2)
+    height = width = 128
+    steady, _ = components(TINY, cfg, height, width)
+    torch.manual_seed(0)
+    dit = CausalS2VDiT(TINY.dit)  # fp32 on CPU; the planner counts bf16, so compare in bf16
+    dit = dit.to(torch.bfloat16)
+    streamer = apply_block_streaming(dit, cfg.resident_blocks, "cpu")
+    assert streamer.nbytes_device == (steady["dit.weights.resident_blocks"] + steady["dit.weights.other"]
+                                      + steady["dit.stream_slots"])
+    layout = SinkLayout(height // 8, width // 8)
+    rings = [RingKVCache.allocate(TINY.dit, layout.fs, torch.bfloat16) for _ in range(2)]
+    rings += [HostRingKVCache.allocate(TINY.dit, layout.fs, torch.bfloat16, "cpu") for _ in range(2)]
+    assert sum(r.device_nbytes for r in rings[:2]) == steady["kv.ring_caches"]
+    assert sum(r.device_nbytes for r in rings[2:]) == steady["kv.host_ring_slots"]
+    assert SinkCache.allocate(TINY.dit, layout, torch.bfloat16).nbytes == steady["kv.sink"]
+    vae = WanVAE(TINY.vae).to(torch.bfloat16)
+    assert _param_bytes(vae) == steady["vae.weights"]
+    state = VAEStreamState()
+    with torch.no_grad():
+        vae.decode_stream(torch.randn(1, 16, 2, height // 8, width // 8), state)
+    assert state.nbytes == steady["vae.stream_state"] == stream_state_nbytes(TINY.vae, 16, 16, torch.bfloat16)
+
+
+def test_peak_is_max_of_setup_and_steady_and_encoders_placement():
+    cfg = RuntimeConfig(offload_model=True)
+    steady, setup = components(S2V_14B, cfg, 704, 384)
+    peak, st, su = _peak(steady, setup)
+    assert peak == max(st, su)
+    assert steady["text_encoder"] == 0 and setup["text_encoder"] == 11_361_820_672
+    _, setup_cpu = components(S2V_14B, RuntimeConfig(t5_cpu=True), 704, 384)
+    assert setup_cpu["text_encoder"] == 0
+    resident, _ = components(S2V_14B, RuntimeConfig(offload_model=False), 704, 384)
+    assert resident["text_encoder"] == 11_361_820_672
+
+
+@pytest.mark.parametrize("fs,tflop", [(1056, 122.9)])
+def test_forward_flops_match_the_architecture_count(fs, tflop):
+    assert abs(forward_flops(S2V_14B, fs) / 1e12 - tflop) < 0.1

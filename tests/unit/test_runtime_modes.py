@@ -1,0 +1,60 @@
+"""Runtime modes give the resident model's output on the tiny preset, with the device emulated on the
+CPU: block streaming and host-staged KV caches bit for bit, FP8 weights within FP8 tolerance."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from liveavatar.kv_cache import HostRingKVCache
+from liveavatar.memory import RuntimeConfig
+from liveavatar.pipeline import GenerationOptions, Pipeline
+
+OPTS = GenerationOptions(size=128 * 128, num_clip=2, seed=11)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("modes")
+    rng = np.random.default_rng(2)
+    Image.fromarray((rng.random((128, 128, 3)) * 255).astype(np.uint8)).save(d / "face.png")
+    t = np.arange(16000) / 16000
+    sf.write(d / "speech.wav", (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 16000)
+    return str(d / "face.png"), str(d / "speech.wav")
+
+
+def _latents(inputs, runtime):
+    pipe = Pipeline.tiny(seed=0, runtime=runtime)
+    session = pipe.session(inputs[0], inputs[1], "a person talking", OPTS)
+    return session, torch.cat(list(session.latents()), dim=2)
+
+
+@pytest.fixture(scope="module")
+def resident(inputs):
+    return _latents(inputs, RuntimeConfig())[1]
+
+
+@pytest.mark.parametrize("runtime", [
+    RuntimeConfig(resident_blocks=0),
+    RuntimeConfig(resident_blocks=2, kv_on_device=1),
+    RuntimeConfig(kv_on_device=0, t5_cpu=True, offload_model=False),
+], ids=["stream-all", "stream-half+kv-host", "kv-host+t5-cpu"])
+def test_streaming_and_kv_placement_are_bit_identical(inputs, resident, runtime):
+    session, z = _latents(inputs, runtime)
+    n_host = sum(isinstance(r, HostRingKVCache) for r in session.rings)
+    assert n_host == (0 if runtime.kv_on_device is None else 4 - runtime.kv_on_device)
+    assert (session.pipe.streamer is not None) == (runtime.resident_blocks is not None)
+    assert torch.equal(z, resident)
+
+
+def test_fp8_weights_stay_within_fp8_tolerance(inputs, resident):
+    _, z = _latents(inputs, RuntimeConfig(fp8=True))
+    rel = ((z - resident).norm() / resident.norm()).item()
+    assert 0 < rel < 0.05, rel  # FP8 changes the numbers, but only by quantisation noise
+
+
+def test_fp8_with_streaming_equals_fp8_resident(inputs):
+    _, a = _latents(inputs, RuntimeConfig(fp8=True))
+    _, b = _latents(inputs, RuntimeConfig(fp8=True, resident_blocks=1, kv_on_device=2))
+    assert torch.equal(a, b)
