@@ -98,3 +98,21 @@ def test_rsfm_distance_matters_at_wrap():
             model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)
             outs.append(model(inp["z"][4:5], inp["t_block"], inp["audio"][4], text, ring, sink, 36, d))
     assert (outs[0] - outs[1]).abs().max() > 1e-4
+
+
+def test_block_forward_past_the_official_two_hour_table():
+    """Positions beyond the official 45,000-row RoPE table (about 2 h) keep working."""
+    fx = torch.load(FIX / "official_tiny_dit.pt", weights_only=True)
+    cfg = _config(fx)
+    model = CausalS2VDiT(cfg)
+    model.load_state_dict(fx["state_dict"])
+    inp = fx["inputs"]
+    layout = SinkLayout(8, 8)
+    sink = SinkCache.allocate(cfg, layout, torch.float32)
+    ring = RingKVCache.allocate(cfg, layout.fs, torch.float32)
+    with torch.no_grad():
+        text = model.embed_text(inp["context"])
+        model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)
+        for f0 in (44_991, 44_994, 44_997, 45_000, 90_000):  # the sink reference reaches F0 + 30
+            v = model(inp["z"][:1], inp["t_block"], inp["audio"][0], text, ring, sink, frame_start=f0, d=30)
+            assert torch.isfinite(v).all()
