@@ -17,6 +17,7 @@ Both are plain tensors with known shapes, so `nbytes` can be computed before all
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +27,13 @@ from liveavatar.config import DiTConfig
 from liveavatar.rope import grid_factors, sample_positions
 
 
-def _dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _kv_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a K and a V tensor of `shape`."""
+    return 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _zeros_kv(shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -81,16 +87,11 @@ class RingKVCache:
 
     @classmethod
     def bytes_for(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, batch: int = 1) -> int:
-        n = 1
-        for s in cls.shape_for(cfg, fs, batch):
-            n *= s
-        return 2 * n * _dtype_size(dtype)
+        return _kv_bytes(RingKVCache.shape_for(cfg, fs, batch), dtype)
 
     @classmethod
     def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1):
-        shape = cls.shape_for(cfg, fs, batch)
-        return cls(torch.zeros(shape, dtype=dtype, device=device),
-                   torch.zeros(shape, dtype=dtype, device=device), fs, cfg.ring_frames)
+        return cls(*_zeros_kv(cls.shape_for(cfg, fs, batch), dtype, device), fs, cfg.ring_frames)
 
     @property
     def ring_len(self) -> int:
@@ -202,16 +203,11 @@ class SinkCache:
 
     @classmethod
     def bytes_for(cls, cfg: DiTConfig, layout: SinkLayout, dtype: torch.dtype, batch: int = 1) -> int:
-        n = 1
-        for s in cls.shape_for(cfg, layout, batch):
-            n *= s
-        return 2 * n * _dtype_size(dtype)
+        return _kv_bytes(cls.shape_for(cfg, layout, batch), dtype)
 
     @classmethod
     def allocate(cls, cfg: DiTConfig, layout: SinkLayout, dtype: torch.dtype, device="cpu", batch: int = 1):
-        shape = cls.shape_for(cfg, layout, batch)
-        return cls(torch.zeros(shape, dtype=dtype, device=device),
-                   torch.zeros(shape, dtype=dtype, device=device), layout)
+        return cls(*_zeros_kv(cls.shape_for(cfg, layout, batch), dtype, device), layout)
 
     @property
     def nbytes(self) -> int:
