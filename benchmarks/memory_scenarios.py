@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from liveavatar.checkpoint import inspect_preset  # noqa: E402
 from liveavatar.config import S2V_14B  # noqa: E402
 from liveavatar.dit import CausalS2VDiT  # noqa: E402
-from liveavatar.fp8 import fp8_nbytes  # noqa: E402
+from liveavatar.fp8 import apply_fp8, fp8_nbytes  # noqa: E402
 from liveavatar.kv_cache import RingKVCache, SinkCache, SinkLayout  # noqa: E402
 from liveavatar.media import target_size  # noqa: E402
 from liveavatar.memory import (  # noqa: E402
@@ -40,6 +40,7 @@ from liveavatar.memory import (  # noqa: E402
     plan,
     vae_decode_workspace_bytes,
 )
+from liveavatar.offload import group_nbytes  # noqa: E402
 from liveavatar.vae import stream_state_nbytes  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -55,7 +56,7 @@ def usable(gib: float) -> int:
     return int(gib * GiB * (1 - FRAGMENTATION)) - CUDA_CONTEXT_BYTES
 
 
-def sizes() -> dict[str, int]:
+def sizes() -> dict:
     """Byte sizes of every official component at HEIGHT x WIDTH."""
     with torch.device("meta"):
         dit = CausalS2VDiT(CFG).to(BF16)
@@ -70,7 +71,10 @@ def sizes() -> dict[str, int]:
     def sink(tokens: int) -> int:  # the official caches are allocated at a fixed token count
         return SinkCache.bytes_for(CFG, SimpleNamespace(num_tokens=tokens), BF16)
 
+    with torch.device("meta"):
+        dit_q = apply_fp8(CausalS2VDiT(CFG).to(BF16))
     return {
+        "streamed": {False: tuple(group_nbytes(dit)), True: tuple(group_nbytes(dit_q))},  # flat buffers
         "fs": fs,
         "sink_tokens": SinkLayout(h, w, CFG.zip_frame_buckets).num_tokens,
         "dit_bf16": dit_bf16,
@@ -83,13 +87,14 @@ def sizes() -> dict[str, int]:
         "sink_3000": sink(3000),
         "t5": stats["t5"].bytes_as(BF16),
         "vae": stats["vae"].bytes_as(BF16),
+        "w2v": stats["audio"].bytes_as(BF16),
         "vae_state": stream_state_nbytes(PRESET.vae, h, w, BF16),
         "vae_decode": vae_decode_workspace_bytes(PRESET, HEIGHT, WIDTH),
         "act": OFFICIAL_ACTIVATIONS,
     }
 
 
-def official_scenarios(s: dict[str, int]) -> list[dict]:
+def official_scenarios(s: dict) -> list[dict]:
     """Per-GPU needs of the official runtime. Each role: (label, [(component, bytes)], extra notes)."""
     vae_gpu = [("VAE weights", s["vae"]), ("VAE stream state", s["vae_state"]),
                ("VAE decode workspace", s["vae_decode"])]
@@ -145,7 +150,7 @@ def gib(b: float) -> str:
     return f"{b / GiB:.2f}"
 
 
-def print_sizes(s: dict[str, int]) -> None:
+def print_sizes(s: dict) -> None:
     print(f"## Sizes at {HEIGHT}x{WIDTH} (HxW), fs = {s['fs']} tokens a latent frame, {FRAMES} frames a clip\n")
     print("| component | GiB | GB |\n|---|---:|---:|")
     rows = [("DiT, bf16", "dit_bf16"), ("DiT, fp8 (official per-tensor scales)", "dit_fp8"),
@@ -176,18 +181,35 @@ def print_official(scenarios: list[dict]) -> None:
         print()
 
 
-def print_engine() -> None:
+def host_bytes(cfg, s: dict, streamed: dict[bool, tuple[int, ...]]) -> tuple[int, int]:
+    """Host memory the engine's own objects hold in a configuration (the planner does not check it):
+    host-staged ring caches, streamed DiT groups (both page-locked) and encoders kept in host memory.
+    Second value: the same with each ring K and V rounded up to a power of two, which is what PyTorch's
+    caching host allocator does to `pin_memory=True` tensors (CachingHostAllocator.h, default settings)."""
+    steps = PRESET.sampler.steps
+    n_host = steps - (steps if cfg.kv_on_device is None else cfg.kv_on_device)
+    k = len(streamed[cfg.fp8]) if cfg.resident_blocks is None else cfg.resident_blocks
+    rest = (sum(streamed[cfg.fp8][k:]) + (s["t5"] if cfg.t5_cpu or cfg.offload_model else 0)
+            + (s["w2v"] if cfg.offload_model else 0))
+    pinned_kv = 2 * n_host * (1 << (s["ring"] // 2 - 1).bit_length())
+    return n_host * s["ring"] + rest, pinned_kv + rest
+
+
+def print_engine(s: dict) -> None:
     print("## This engine on one such GPU (`liveavatar plan --auto`)\n")
-    print("| GPU | --auto picks | peak GiB | usable GiB | estimate s/block (frames/s) | rates assumed |")
-    print("|---|---|---:|---:|---:|---|")
+    print("| GPU | --auto picks | peak GiB | usable GiB | estimate s/block (frames/s) | host GiB (pinned rounding) "
+          "| rates assumed |")
+    print("|---|---|---:|---:|---:|---:|---|")
     for size in (24, 48, 80):
         gpu = GPUSpec.guess(size)
         rates = f"{gpu.tflops:.0f} bf16 / {gpu.fp8_tflops:.0f} fp8 TFLOP/s, {gpu.link_gbps:.0f} GB/s"
         for allow_fp8, tag in ((True, ""), (False, " --no_fp8")):
             p = plan(PRESET, gpu, HEIGHT, WIDTH, FRAMES, allow_fp8=allow_fp8)
             picks = " ".join(p.config.flags()) if p.fits else "nothing fits"
+            host, rounded = host_bytes(p.config, s, s["streamed"])
             print(f"| {size} GiB{tag} | `{picks}` | {gib(p.gpus[0].peak_bytes)} | {gib(p.budget_bytes)} | "
-                  f"{p.seconds_per_block:.2f} ({12 / p.seconds_per_block:.1f}) | {rates} |")
+                  f"{p.seconds_per_block:.2f} ({12 / p.seconds_per_block:.1f}) | {gib(host)} ({gib(rounded)}) | "
+                  f"{rates} |")
     fs = (HEIGHT // 16) * (WIDTH // 16)
     print(f"\nOne block forward (one denoising step) at {HEIGHT}x{WIDTH}: {forward_flops(PRESET, fs) / 1e12:.1f} "
           f"TFLOP of matmuls; a block is {PRESET.sampler.steps} forwards and 12 video frames.")
@@ -197,7 +219,7 @@ def main() -> int:
     s = sizes()
     print_sizes(s)
     print_official(official_scenarios(s))
-    print_engine()
+    print_engine(s)
     return 0
 
 
