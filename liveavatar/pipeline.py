@@ -289,8 +289,11 @@ class Session:
         return z
 
     def latents(self) -> Iterator[torch.Tensor]:
-        """Clean latents block by block: [1, C, 3, h, w]."""
+        """Clean latents block by block: [1, C, 3, h, w]. Each iteration starts the stream afresh (same
+        seed, same output); stale ring slots are never read, since block n only attends to slots that
+        blocks up to n wrote."""
         fpb = self.pipe.preset.dit.frames_per_block
+        self.rng = random.Random(self.opts.seed)
         with torch.no_grad():
             self._prefill(self.ref_latent)
             first = None

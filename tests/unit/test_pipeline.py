@@ -36,7 +36,8 @@ def _frames(pipe, inputs, **kw):
 
 
 def test_same_seed_same_frames_and_other_seed_differs(pipe, inputs):
-    _, _, a = _frames(pipe, inputs, num_clip=1, seed=7)
+    session, _, a = _frames(pipe, inputs, num_clip=1, seed=7)
+    assert np.array_equal(np.concatenate([c.frames for c in session]), a)  # iterating again restarts the stream
     _, _, b = _frames(pipe, inputs, num_clip=1, seed=7)
     _, _, c = _frames(pipe, inputs, num_clip=1, seed=8)
     assert a.dtype == np.uint8 and a.shape == (48 - DROP_FIRST_FRAMES, 128, 128, 3)
