@@ -197,16 +197,15 @@ def _runtime_from_args(args: argparse.Namespace):
 def _gpus(args: argparse.Namespace) -> tuple[int, float | None]:
     """(count, GiB each) from --gpus N | NxGB and --gpu_memory GB."""
     spec = str(args.gpus)
-    if "x" in spec:
-        n, _, gb = spec.partition("x")
-        try:
-            return int(n), float(gb)
-        except ValueError:
-            raise UserError(f"--gpus {spec!r} is not of the form N or NxGB (e.g. 4x24)") from None
+    bad = UserError(f"--gpus {spec!r} is not of the form N or NxGB with N >= 1 and GB > 0 (e.g. 4x24)")
+    n, _, gb = spec.partition("x")
     try:
-        return int(spec), args.gpu_memory
+        count, size = int(n), (float(gb) if gb else args.gpu_memory)
     except ValueError:
-        raise UserError(f"--gpus {spec!r} is not of the form N or NxGB (e.g. 4x24)") from None
+        raise bad from None
+    if count < 1 or (size is not None and size <= 0) or ("x" in spec and not gb):
+        raise bad
+    return count, size
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

@@ -139,11 +139,19 @@ class HostRingKVCache(RingKVCache):
 
     @classmethod
     def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1):
-        shape = cls.shape_for(cfg, fs, batch)
-        pin = torch.device(device).type == "cuda"
-        k = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-        v = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-        return cls(k, v, fs, cfg.ring_frames, device)
+        k, v = _zeros_kv(cls.shape_for(cfg, fs, batch), dtype, "cpu")
+        cache = cls(k, v, fs, cfg.ring_frames, device)
+        if cache.device.type == "cuda":
+            # Page-locked in place at their exact size (`pin_memory()` would round each up to a power of 2).
+            import weakref
+
+            from liveavatar.offload import pin_in_place, unpin
+
+            cache.k, cache.v = pin_in_place(k), pin_in_place(v)
+            registered = [t for t, orig in ((cache.k, k), (cache.v, v)) if t is orig]
+            if registered:
+                weakref.finalize(cache, unpin, registered)
+        return cache
 
     @property
     def device_nbytes(self) -> int:

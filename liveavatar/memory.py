@@ -90,6 +90,7 @@ class Plan:
     gpus: list[GPUPlan]
     seconds_per_block: float
     note: str = ""
+    host: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -101,6 +102,7 @@ class Plan:
             "seconds_per_block_estimate": round(self.seconds_per_block, 3),
             "gpus": [{"peak_bytes": g.peak_bytes, "steady_bytes": g.steady_bytes, "setup_bytes": g.setup_bytes,
                       "components": g.components} for g in self.gpus],
+            "host": {"bytes": sum(self.host.values()), "components": self.host},
             "note": self.note,
         }
 
@@ -227,6 +229,23 @@ def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infe
     return steady, setup
 
 
+def host_components(preset: Preset, cfg: RuntimeConfig, height: int, width: int,
+                    steps: int | None = None) -> dict[str, int]:
+    """Host (pinned or pageable) memory the configuration holds besides the process itself."""
+    steps = steps or preset.sampler.steps
+    fs = (height // 16) * (width // 16)
+    _, flat, _ = _dit_weight_bytes(preset, cfg.fp8)
+    k = len(flat) if cfg.resident_blocks is None else max(0, min(cfg.resident_blocks, len(flat)))
+    n_dev = steps if cfg.kv_on_device is None else max(0, min(cfg.kv_on_device, steps))
+    enc = _encoder_bytes(preset)
+    return {
+        "dit.streamed_blocks": sum(flat[k:]),
+        "kv.host_ring_caches": (steps - n_dev) * RingKVCache.bytes_for(preset.dit, fs, BF16),
+        "text_encoder": enc["t5"] if (cfg.offload_model or cfg.t5_cpu) else 0,
+        "audio_encoder": enc["wav2vec2"] if cfg.offload_model else 0,
+    }
+
+
 def _peak(steady: dict[str, int], setup: dict[str, int]) -> tuple[int, int, int]:
     """(peak, steady, setup) totals. The DiT and VAE workspaces are never alive at once; the encoders
     run during setup, before the KV caches exist."""
@@ -281,7 +300,8 @@ def predict(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: int, width
     budget = int(gpu.memory_bytes * (1 - FRAGMENTATION)) - CUDA_CONTEXT_BYTES
     return Plan(peak <= budget, cfg, height, width, infer_frames, budget,
                 [GPUPlan(peak, steady_total, setup_total, comps)],
-                seconds_per_block(preset, cfg, gpu, height, width, steps))
+                seconds_per_block(preset, cfg, gpu, height, width, steps),
+                host=host_components(preset, cfg, height, width, steps))
 
 
 def candidates(preset: Preset, allow_fp8: bool = True) -> list[RuntimeConfig]:
@@ -326,9 +346,16 @@ def format_plan(p: Plan, gpu: GPUSpec) -> str:
             lines.append(f"  {name:<30} {b / GiB:8.2f} GiB")
     lines.append(f"  {'peak (max of setup, steady)':<30} {g.peak_bytes / GiB:8.2f} GiB "
                  f"(setup {g.setup_bytes / GiB:.2f}, steady {g.steady_bytes / GiB:.2f})")
+    host = sum(p.host.values())
+    if host:
+        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in p.host.items() if v)
+        lines.append(f"host memory: {host / GiB:.2f} GiB ({parts})")
     verdict = "fits" if p.fits else "does NOT fit"
-    lines.append(f"{verdict}; estimated {p.seconds_per_block:.2f} s a block "
-                 f"({12 / p.seconds_per_block:.1f} frames/s) at {gpu.tflops:.0f} TFLOP/s, {gpu.link_gbps:.0f} GB/s")
+    rate = gpu.fp8_tflops if (p.config.fp8 and gpu.fp8_tflops) else gpu.tflops
+    kind = "FP8" if (p.config.fp8 and gpu.fp8_tflops) else "bf16"
+    lines.append(f"{verdict} on the GPU; estimated {p.seconds_per_block:.2f} s a block "
+                 f"({12 / p.seconds_per_block:.1f} frames/s) at {rate:.0f} {kind} TFLOP/s and "
+                 f"{gpu.link_gbps:.0f} GB/s host link (an estimate, not a measurement)")
     if p.note:
         lines.append(p.note)
     return "\n".join(lines)

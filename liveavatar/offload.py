@@ -111,7 +111,7 @@ def choose_resident_blocks(budget_bytes: int, group_bytes: Sequence[int], base_b
                     f"streamed ({need / 2**30:.2f} GiB needed); raise the budget or use FP8 weights")
 
 
-def _pin(t: torch.Tensor) -> torch.Tensor:
+def pin_in_place(t: torch.Tensor) -> torch.Tensor:
     """Page-lock a CPU tensor in place. `cudaHostRegister` keeps the exact size (the caching pinned
     allocator behind `pin_memory()` rounds each allocation up to a power of two); falls back to a copy."""
     try:
@@ -123,7 +123,7 @@ def _pin(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory()
 
 
-def _unpin(registered: list[torch.Tensor]) -> None:
+def unpin(registered: list[torch.Tensor]) -> None:
     cudart = torch.cuda.cudart()
     for t in registered:
         cudart.cudaHostUnregister(t.data_ptr())
@@ -178,7 +178,7 @@ class BlockStreamer:
             for e in g.entries:
                 self._view(host, e).copy_(_tensor(e))
             if pin:
-                pinned = _pin(host)
+                pinned = pin_in_place(host)
                 if pinned is host:
                     registered.append(host)
                 host = pinned
@@ -186,7 +186,7 @@ class BlockStreamer:
             for e in g.entries:  # rebinding frees the original storage
                 self._rebind(e, self._view(self.slots[g.slot], e))
         if registered:
-            weakref.finalize(self, _unpin, registered)
+            weakref.finalize(self, unpin, registered)
         for i, g in enumerate(self.groups):
             later = [self.groups[(i + d) % len(self.groups)] for d in range(1, len(self.groups) + 1)]
             nxt = next((h for h in later if h.slot is not None), None)
@@ -280,5 +280,5 @@ def apply_block_streaming(model: nn.Module, resident: int, device, pin_memory: b
 
 __all__ = [
     "ALIGN", "BlockStreamer", "apply_block_streaming", "base_nbytes", "choose_resident_blocks", "group_nbytes",
-    "stream_groups",
+    "pin_in_place", "stream_groups", "unpin",
 ]

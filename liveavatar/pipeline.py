@@ -333,18 +333,11 @@ class Session:
             state = VAEStreamState()
             vae.decode_stream(self.motion_latents[:, :, :VAE_WARMUP_LATENTS], state)
             emitted = 0
-            if self.opts.online_decode:
-                for n, z in enumerate(self.latents()):
-                    chunk = self._chunk(n, vae.decode_stream(z, state), emitted)
-                    if chunk is not None:
-                        emitted += len(chunk.frames)
-                        yield chunk
-            else:
-                zs = list(self.latents())
-                video = vae.decode_stream(torch.cat(zs, dim=2), state)
-                per_block = video.shape[2] // len(zs)
-                for n in range(len(zs)):
-                    chunk = self._chunk(n, video[:, :, n * per_block: (n + 1) * per_block], emitted)
-                    if chunk is not None:
-                        emitted += len(chunk.frames)
-                        yield chunk
+            # Online: decode each block as soon as it is denoised. Offline: all latents first, then
+            # the decode, block by block (same frames, memory bounded by one block).
+            latents = self.latents() if self.opts.online_decode else iter(list(self.latents()))
+            for n, z in enumerate(latents):
+                chunk = self._chunk(n, vae.decode_stream(z, state), emitted)
+                if chunk is not None:
+                    emitted += len(chunk.frames)
+                    yield chunk
