@@ -181,23 +181,9 @@ def print_official(scenarios: list[dict]) -> None:
         print()
 
 
-def host_bytes(cfg, s: dict, streamed: dict[bool, tuple[int, ...]]) -> tuple[int, int]:
-    """Host memory the engine's own objects hold in a configuration (the planner does not check it):
-    host-staged ring caches, streamed DiT groups (both page-locked) and encoders kept in host memory.
-    Second value: the same with each ring K and V rounded up to a power of two, which is what PyTorch's
-    caching host allocator does to `pin_memory=True` tensors (CachingHostAllocator.h, default settings)."""
-    steps = PRESET.sampler.steps
-    n_host = steps - (steps if cfg.kv_on_device is None else cfg.kv_on_device)
-    k = len(streamed[cfg.fp8]) if cfg.resident_blocks is None else cfg.resident_blocks
-    rest = (sum(streamed[cfg.fp8][k:]) + (s["t5"] if cfg.t5_cpu or cfg.offload_model else 0)
-            + (s["w2v"] if cfg.offload_model else 0))
-    pinned_kv = 2 * n_host * (1 << (s["ring"] // 2 - 1).bit_length())
-    return n_host * s["ring"] + rest, pinned_kv + rest
-
-
 def print_engine(s: dict) -> None:
     print("## This engine on one such GPU (`liveavatar plan --auto`)\n")
-    print("| GPU | --auto picks | peak GiB | usable GiB | estimate s/block (frames/s) | host GiB (pinned rounding) "
+    print("| GPU | --auto picks | peak GiB | usable GiB | estimate s/block (frames/s) | host GiB "
           "| rates assumed |")
     print("|---|---|---:|---:|---:|---:|---|")
     for size in (24, 48, 80):
@@ -206,9 +192,9 @@ def print_engine(s: dict) -> None:
         for allow_fp8, tag in ((True, ""), (False, " --no_fp8")):
             p = plan(PRESET, gpu, HEIGHT, WIDTH, FRAMES, allow_fp8=allow_fp8)
             picks = " ".join(p.config.flags()) if p.fits else "nothing fits"
-            host, rounded = host_bytes(p.config, s, s["streamed"])
+            host = sum(p.host.values())  # the planner's host-memory components
             print(f"| {size} GiB{tag} | `{picks}` | {gib(p.gpus[0].peak_bytes)} | {gib(p.budget_bytes)} | "
-                  f"{p.seconds_per_block:.2f} ({12 / p.seconds_per_block:.1f}) | {gib(host)} ({gib(rounded)}) | "
+                  f"{p.seconds_per_block:.2f} ({12 / p.seconds_per_block:.1f}) | {gib(host)} | "
                   f"{rates} |")
     fs = (HEIGHT // 16) * (WIDTH // 16)
     print(f"\nOne block forward (one denoising step) at {HEIGHT}x{WIDTH}: {forward_flops(PRESET, fs) / 1e12:.1f} "
