@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[dev]"
 python3 -m ruff check liveavatar tests benchmarks scripts
-python3 -m pytest tests -q -p no:cacheprovider
+python3 -m pytest tests -p no:cacheprovider
