@@ -151,7 +151,8 @@ def load_reference_image(path: str | os.PathLike, max_area: int,
 
     The EXIF orientation is applied first (a no-op for images without one; the official code ignores
     it and so animates rotated phone photos sideways). Refused with UserError: a missing path, a file
-    PIL cannot decode, and an image whose shorter side is below `min_side` pixels. Since (H, W) never
+    PIL cannot decode, an image whose shorter side is below `min_side` pixels, and an image too small for
+    the requested size (it would give a smaller video than a large image of its aspect). Since (H, W) never
     exceeds the image scaled to at most 1.0 with sides rounded up to a multiple of 64, a smaller
     image would only be upscaled into a blurry face (and a smaller --size cannot help it).
     """
@@ -170,6 +171,12 @@ def load_reference_image(path: str | os.PathLike, max_area: int,
         raise UserError(f"reference image {str(p)!r} is {w0}x{h0} pixels, smaller than {min_side} on its "
                         f"shorter side; use an image at least {min_side} pixels on each side")
     out_h, out_w = target_size(h0, w0, max_area, min_side=min_side)
+    k = math.isqrt(max_area // (h0 * w0) + 1) + 2  # the same aspect, larger than the area cap
+    req_h, req_w = target_size(h0 * k, w0 * k, max_area, min_side=min_side)
+    if (out_h, out_w) != (req_h, req_w):
+        raise UserError(f"reference image {str(p)!r} is {w0}x{h0} pixels, smaller than the {req_w}x{req_h} "
+                        f"video that --size {req_h}*{req_w} asks for; use a larger image, or --size "
+                        f"{out_h}*{out_w} for a {out_w}x{out_h} video")
 
     x = np.array(_resize_shorter(img, min(out_h, out_w)))  # [h, w, 3] uint8
     x = np.ascontiguousarray(_center_crop(x, out_h, out_w))  # [H, W, 3]

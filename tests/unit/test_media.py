@@ -182,6 +182,11 @@ def test_reference_image_errors(tmp_path):
         media.load_reference_image(truncated, 704 * 384)
     with pytest.raises(UserError, match="at least 128 pixels"):
         media.load_reference_image(_save(tmp_path, np.zeros((100, 300, 3), np.uint8), "tiny.png"), 704 * 384)
+    # 300x200 (WxH) would only give a 320x256 video at 704*384, where a large 3:2 image gives 576x384
+    small = _save(tmp_path, np.zeros((200, 300, 3), np.uint8), "small.png")
+    with pytest.raises(UserError, match="smaller than the 576x384 video.*--size 256\\*320"):
+        media.load_reference_image(small, 704 * 384)
+    assert media.load_reference_image(small, 256 * 320)[1] == (256, 320)
 
 
 # ----------------------------------------------------------------------------------------------------
