@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from liveavatar.checkpoint import inspect_preset  # noqa: E402
 from liveavatar.config import S2V_14B  # noqa: E402
 from liveavatar.dit import CausalS2VDiT  # noqa: E402
 from liveavatar.fp8 import apply_fp8, fp8_nbytes  # noqa: E402
@@ -42,6 +41,7 @@ from liveavatar.memory import (  # noqa: E402
 )
 from liveavatar.offload import group_nbytes  # noqa: E402
 from liveavatar.vae import stream_state_nbytes  # noqa: E402
+from liveavatar.verify import inspect_preset  # noqa: E402
 
 BF16 = torch.bfloat16
 PRESET = S2V_14B

@@ -1,14 +1,15 @@
-"""Checkpoint files: layout, key handling, lazy loading, the LoRA merge, header-only verification.
+"""Checkpoint files: layout, key handling, lazy loading and the LoRA merge.
 
-Everything that touches the official weight files lives here. `Wan2.2-S2V-14B/` holds the DiT
-(`config.json` + sharded safetensors with an index), the umT5 encoder and the Wan2.1 VAE as
+Everything the runtime needs to load the official weight files lives here. `Wan2.2-S2V-14B/` holds
+the DiT (`config.json` + sharded safetensors with an index), the umT5 encoder and the Wan2.1 VAE as
 `torch.save` zips (`.pth`), the umT5 tokenizer folder and the wav2vec2 folder; the Live Avatar LoRA
 is one peft safetensors file. Models are built on the meta device and filled tensor by tensor
 (`safe_open` / `torch.load(mmap=True)`, cast per tensor, `load_state_dict(assign=True)`), so host
 memory never holds a second copy of the weights. Module names equal checkpoint keys, so the only key
-mapping is the LoRA's peft naming. `verify_checkpoint` checks a checkpoint from file headers, the
-index and zip directories alone (no weights read), against the same meta-built models the loaders
-use, and `inspect_preset` reports parameter counts and sizes from those models.
+mappings are the LoRA's peft naming and wav2vec2's prefix and weight-norm names. File headers
+(safetensors header, `.pth` zip directory) are read here too, so that every file is checked against
+the meta-built model before any weight is read; `liveavatar.verify` reuses them for the header-only
+checks and `liveavatar.ckpt_writer` writes files in these formats.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import re
 import struct
 import zipfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from liveavatar.config import AudioConfig, DiTConfig, Preset, T5Config, VAEConfig, get_preset
+from liveavatar.config import AudioConfig, DiTConfig, T5Config, VAEConfig
 from liveavatar.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -144,17 +145,6 @@ def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _dtype_notes(found: dict[str, TensorMeta], want: torch.dtype, what: str) -> tuple[list[str], list[str]]:
-    """(problems, notes): non-float tensors are problems; other float dtypes than the official one, notes."""
-    problems = [f"tensor {k} has dtype {_dtype_name(m.dtype)}, expected a floating dtype"
-                for k, m in found.items() if not m.dtype.is_floating_point]
-    other = sorted({_dtype_name(m.dtype) for m in found.values()
-                    if m.dtype.is_floating_point and m.dtype != want})
-    notes = [f"{what} stores {'/'.join(other)} tensors (official file: {_dtype_name(want)}); they are cast "
-             f"when loaded"] if other else []
-    return problems, notes
-
-
 # ---------------------------------------------------------------------------------------------
 # File headers: safetensors and torch.save zips
 
@@ -248,16 +238,6 @@ def _zip_data_records(path: Path) -> dict[int, tuple[int, bool]]:
 
 # ---------------------------------------------------------------------------------------------
 # DiT config and file layout
-
-
-def dit_config_json(cfg: DiTConfig) -> dict:
-    """config.json as the official folder has it (diffusers `WanModel_S2V` kwargs) for `cfg`."""
-    out = {"_class_name": "WanModel_S2V"}
-    for name in _DIT_CONFIG_FIELDS:
-        value = getattr(cfg, name)
-        out[name] = list(value) if isinstance(value, tuple) else value
-    out.update(_DIT_CONFIG_FIXED)
-    return out
 
 
 def read_dit_config(ckpt_dir: str | Path, expected: DiTConfig | None = None) -> DiTConfig:
@@ -612,9 +592,6 @@ def merge_lora(model: nn.Module, lora_sd: dict[str, torch.Tensor], alpha: float,
 # wav2vec2 (Hugging Face folder)
 
 _W2V_HEADS = ("lm_head.", "quantizer.", "project_q.", "project_hid.")  # heads the encoder does not use
-_W2V_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                      "conv_dim", "conv_kernel", "conv_stride", "num_conv_pos_embeddings",
-                      "num_conv_pos_embedding_groups")
 _W2V_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -634,487 +611,10 @@ def _w2v_key(k: str) -> str:
         ".weight_v", ".parametrizations.weight.original1")
 
 
-# ---------------------------------------------------------------------------------------------
-# Verification from headers
-
-
-@dataclass
-class ComponentReport:
-    name: str
-    files: list[str] = field(default_factory=list)
-    tensors: int = 0
-    params: int = 0
-    bytes: int = 0
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # worth knowing, not failures
-    skipped: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def count(self, metas: dict[str, TensorMeta]) -> None:
-        self.tensors = len(metas)
-        self.params = sum(m.numel for m in metas.values())
-        self.bytes = sum(m.nbytes for m in metas.values())
-
-
-@dataclass
-class Report:
-    ckpt_dir: str
-    preset: str
-    components: list[ComponentReport]
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.components)
-
-    @property
-    def problems(self) -> list[str]:
-        return [f"{c.name}: {p}" for c in self.components for p in c.problems]
-
-    def summary(self, max_problems: int | None = 20) -> str:
-        """One screen when complete; otherwise every problem (at most `max_problems` per component)."""
-        lines = [f"checkpoint {self.ckpt_dir} (preset {self.preset})",
-                 f"{'component':<10} {'status':<8} {'tensors':>8} {'params':>16} {'size':>10}  files"]
-        for c in self.components:
-            status = "skipped" if c.skipped else ("ok" if c.ok else "FAILED")
-            files = c.skipped or _files_text(c.files)
-            lines.append(f"{c.name:<10} {status:<8} {c.tensors:>8} {c.params:>16,} "
-                         f"{format_bytes(c.bytes):>10}  {files}")
-        for c in self.components:
-            lines += [f"note: {c.name}: {n}" for n in c.notes]
-        if self.ok:
-            lines.append("all checked components are complete")
-            return "\n".join(lines)
-        lines.append(f"{len(self.problems)} problem(s):")
-        for c in self.components:
-            shown = c.problems if max_problems is None else c.problems[:max_problems]
-            lines += [f"  {c.name}: {p}" for p in shown]
-            if len(shown) < len(c.problems):
-                lines.append(f"  {c.name}: ... and {len(c.problems) - len(shown)} more (all: --all_problems)")
-        return "\n".join(lines)
-
-
-def _files_text(files: list[str]) -> str:
-    shards = [f for f in files if DIT_SHARD_RE.match(f)]
-    rest = [f for f in files if f not in shards]
-    text = ", ".join(rest[:4]) + (f", ... ({len(rest)} files)" if len(rest) > 4 else "")
-    return text + (f" + {len(shards)} shards" if len(shards) > 1 else f", {shards[0]}" if shards else "")
-
-
-def format_bytes(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
-def _check_dit(root: Path, preset: Preset, rep: ComponentReport) -> None:
-    from liveavatar.dit import CausalS2VDiT
-
-    config_ok = True
-    try:
-        read_dit_config(root, preset.dit)
-        rep.files.append(DIT_CONFIG)
-    except UserError as exc:
-        rep.problems.append(str(exc))
-        config_ok = not (root / DIT_CONFIG).is_file()  # a missing config.json does not explain tensors
-    shards, files, problems = _dit_layout(root)
-    rep.files += files
-    rep.problems += problems
-    metas, _, problems, lost = _dit_headers(shards)
-    rep.problems += problems
-    rep.count(metas)
-    if any(shards[p] is None for p in lost) or not shards:
-        return  # the single weights file is unreadable: nothing to compare
-    if not config_ok:
-        rep.notes.append("tensors not compared: config.json describes another model than the preset")
-        return
-    expected = _expected_shapes(_build_on_meta(CausalS2VDiT, preset.dit))
-    # tensors of a missing or unreadable shard are reported with the shard, not one by one
-    unknown = {k for p in lost for k in shards[p]}
-    rep.problems += _compare({k: s for k, s in expected.items() if k not in unknown}, metas)
-    problems, notes = _dtype_notes(metas, FILE_DTYPES["dit"], "the DiT")
-    rep.problems += problems
-    rep.notes += notes
-
-
-def _check_pth(path: Path, model: nn.Module, kind: str, rep: ComponentReport) -> None:
-    rep.files.append(path.name)
-    if not path.is_file():
-        rep.problems.append(f"missing file {path}")
-        return
-    try:
-        metas = read_pth_metadata(path)
-    except UserError as exc:
-        rep.problems.append(str(exc))
-        return
-    rep.count(metas)
-    rep.problems += _compare(_expected_shapes(model), metas)
-    problems, notes = _dtype_notes(metas, FILE_DTYPES[kind], path.name)
-    rep.problems += problems
-    rep.notes += notes
-
-
-def _check_lora(path: str | Path, preset: Preset, rep: ComponentReport) -> None:
-    from liveavatar.dit import CausalS2VDiT
-
-    try:
-        p = resolve_lora_path(path)
-        rep.files.append(str(p))
-        raw = _file_metas(p)
-    except UserError as exc:
-        rep.problems.append(str(exc))
-        return
-    rep.count(raw)
-    found, foreign = {}, []
-    for k, m in raw.items():
-        mm = _LORA_KEY.match(k)
-        if mm is None:
-            foreign.append(k)
-        else:
-            found[lora_key(mm["module"], mm["ab"])] = m
-    rep.problems += [f"tensor {k} is not a peft LoRA weight (<module>.lora_A/B[.default].weight)"
-                     for k in foreign]
-    model = _build_on_meta(CausalS2VDiT, preset.dit)
-    rep.problems += _lora_problems(found, model, preset.lora_rank, preset.lora_targets)
-    problems, notes = _dtype_notes(raw, FILE_DTYPES["lora"], "the LoRA")
-    rep.problems += problems
-    rep.notes += notes
-
-
-def _check_audio(folder: Path, cfg: AudioConfig, rep: ComponentReport) -> None:
-    if not folder.is_dir():
-        rep.problems.append(f"missing folder {folder}")
-        return
-    conf = folder / "config.json"
-    config_problems = len(rep.problems)
-    if not conf.is_file():
-        rep.problems.append(f"missing file {conf}")
-        config_problems += 1  # tensors are still worth comparing
-    else:
-        rep.files.append("config.json")
-        try:
-            raw = json.loads(conf.read_text())
-            from liveavatar.audio import wav2vec2_config
-
-            want = wav2vec2_config(cfg).to_dict()
-            for name in _W2V_CONFIG_FIELDS:
-                if name in raw and list(_as_list(raw[name])) != list(_as_list(want[name])):
-                    rep.problems.append(f"{conf} sets {name}={raw[name]!r}, the preset expects "
-                                        f"{want[name]!r}")
-        except ValueError as exc:
-            rep.problems.append(f"{conf} is not valid JSON ({exc})")
-    weights = [folder / n for n in _W2V_WEIGHTS if (folder / n).is_file()]
-    if not weights:
-        rep.problems.append(f"no wav2vec2 weights in {folder}: expected {' or '.join(_W2V_WEIGHTS)}")
-        return
-    path = weights[0]
-    rep.files.append(path.name)
-    try:
-        raw_metas = _file_metas(path)
-    except UserError as exc:
-        rep.problems.append(str(exc))
-        return
-    metas = {_w2v_key(k): m for k, m in raw_metas.items() if not k.startswith(_W2V_HEADS)}
-    metas.pop("masked_spec_embed", None)  # only used for training-time masking; optional in checkpoints
-    expected = _expected_shapes(_w2v_model_on_meta(cfg))
-    expected.pop("masked_spec_embed", None)
-    rep.count(metas)
-    if len(rep.problems) > config_problems:
-        rep.notes.append("tensors not compared: config.json describes another model than the preset")
-        return
-    rep.problems += _compare(expected, metas)
-    problems, notes = _dtype_notes(metas, FILE_DTYPES["audio"], path.name)
-    rep.problems += problems
-    rep.notes += notes
-
-
-def _as_list(v):
-    return v if isinstance(v, list | tuple) else [v]
-
-
-def _check_tokenizer(folder: Path, preset: Preset, rep: ComponentReport) -> None:
-    if not folder.is_dir():
-        rep.problems.append(f"missing folder {folder}")
-        return
-    names = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
-    present = [n for n in names if (folder / n).is_file()]
-    rep.files += present
-    if not {"tokenizer.json", "spiece.model"} & set(present):
-        rep.problems.append(f"{folder} holds neither tokenizer.json nor spiece.model")
-        return
-    from liveavatar.t5 import TextTokenizer
-
-    try:
-        tok = TextTokenizer.from_folder(folder, text_len=preset.t5.text_len)
-    except UserError as exc:
-        rep.problems.append(str(exc))
-        return
-    if tok.vocab_size > preset.t5.vocab_size:
-        rep.problems.append(f"the tokenizer has {tok.vocab_size} tokens but the T5 embedding only "
-                            f"{preset.t5.vocab_size}; use the umT5 tokenizer of this checkpoint")
-
-
-def parse_components(only: str | Sequence[str] | None) -> tuple[str, ...]:
-    if only is None:
-        return COMPONENTS
-    names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
-    bad = [n for n in names if n not in COMPONENTS]
-    if bad or not names:
-        raise UserError(f"unknown component(s) {', '.join(bad) or '(none given)'} in --only; "
-                        f"choose from {','.join(COMPONENTS)}")
-    return tuple(n for n in COMPONENTS if n in names)
-
-
-def verify_checkpoint(ckpt_dir: str | Path, lora_path: str | Path | None = None,
-                      only: str | Sequence[str] | None = None, preset: Preset | str = "s2v-14b") -> Report:
-    """Check a checkpoint folder (and LoRA) against the models of `preset` without reading weights."""
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    names = parse_components(only)
-    if only is not None and "lora" in names and lora_path is None:
-        raise UserError("--only lora needs --lora_path pointing at liveavatar.safetensors")
-    paths = ckpt_paths(ckpt_dir)
-    reports = []
-    for name in names:
-        rep = ComponentReport(name)
-        if name == "dit":
-            _check_dit(paths.root, preset, rep)
-        elif name == "lora":
-            if lora_path is None:
-                rep.skipped = "no --lora_path given"
-            else:
-                _check_lora(lora_path, preset, rep)
-        elif name == "t5":
-            from liveavatar.t5 import T5Encoder
-
-            _check_pth(paths.t5, _build_on_meta(T5Encoder, preset.t5), "t5", rep)
-        elif name == "vae":
-            from liveavatar.vae import WanVAE
-
-            _check_pth(paths.vae, _build_on_meta(WanVAE, preset.vae), "vae", rep)
-        elif name == "audio":
-            _check_audio(paths.audio, preset.audio, rep)
-        else:
-            _check_tokenizer(paths.tokenizer, preset, rep)
-        reports.append(rep)
-    return Report(str(paths.root), preset.name, reports)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sizes of the models of a preset (for `inspect` and planning)
-
-_DIT_PARTS = (
-    ("blocks", ("blocks.",)),
-    ("embeddings+head",
-     ("patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.", "head.")),
-    ("audio encoder", ("casual_audio_encoder.",)),
-    ("audio injectors", ("audio_injector.",)),
-    ("frame packer+cond", ("frame_packer.", "cond_encoder.", "trainable_cond_mask.")),
-)
-_VAE_PARTS = (("encoder", ("encoder.", "conv1.")), ("decoder", ("decoder.", "conv2.")))
-
-
-@dataclass(frozen=True)
-class PartStats:
-    name: str  # "dit", "dit.blocks", ...
-    tensors: int
-    params: int
-    file_dtype: torch.dtype
-
-    def bytes_as(self, dtype: torch.dtype) -> int:
-        return self.params * dtype.itemsize
-
-    @property
-    def file_bytes(self) -> int:
-        return self.bytes_as(self.file_dtype)
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name, "tensors": self.tensors, "params": self.params,
-            "file_dtype": _dtype_name(self.file_dtype), "file_bytes": self.file_bytes,
-            "bytes_per_dtype": {_dtype_name(d): self.bytes_as(d) for d in (torch.bfloat16, torch.float32)},
-        }
-
-
-def _stats(name: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-           parts: Sequence[tuple[str, tuple[str, ...]]] = ()) -> list[PartStats]:
-    def one(label: str, keys: list[str]) -> PartStats:
-        return PartStats(label, len(keys), sum(math.prod(shapes[k]) for k in keys), dtype)
-
-    out = [one(name, list(shapes))]
-    covered = set()
-    for label, prefixes in parts:
-        keys = [k for k in shapes if k.startswith(prefixes)]
-        covered.update(keys)
-        out.append(one(f"{name}.{label}", keys))
-    if parts and len(covered) != len(shapes):
-        out.append(one(f"{name}.other", [k for k in shapes if k not in covered]))
-    return out
-
-
-def inspect_preset(preset: Preset | str = "s2v-14b") -> list[PartStats]:
-    """Tensors, parameters and sizes of every component of `preset`, from the models built on meta."""
-    from liveavatar.dit import CausalS2VDiT
-    from liveavatar.t5 import T5Encoder
-    from liveavatar.vae import WanVAE
-
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    dit = _build_on_meta(CausalS2VDiT, preset.dit)
-    out = _stats("dit", _expected_shapes(dit), FILE_DTYPES["dit"], _DIT_PARTS)
-    lora = expected_lora_tensors(dit, preset.lora_rank, preset.lora_targets)
-    out += _stats("lora", lora, FILE_DTYPES["lora"])
-    out += _stats("t5", _expected_shapes(_build_on_meta(T5Encoder, preset.t5)), FILE_DTYPES["t5"])
-    out += _stats("vae", _expected_shapes(_build_on_meta(WanVAE, preset.vae)), FILE_DTYPES["vae"], _VAE_PARTS)
-    out += _stats("audio", _expected_shapes(_w2v_model_on_meta(preset.audio)), FILE_DTYPES["audio"])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing checkpoints in the official layout (tests, demos, converted weights)
-
-
-def save_dit(model: nn.Module, ckpt_dir: str | Path, cfg: DiTConfig, num_shards: int = 1,
-             dtype: torch.dtype = torch.bfloat16) -> list[Path]:
-    """config.json + DiT safetensors: one file, or `num_shards` shards of about equal size + index."""
-    from safetensors.torch import save_file
-
-    root = Path(ckpt_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / DIT_CONFIG).write_text(json.dumps(dit_config_json(cfg), indent=2))
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    if num_shards == 1:
-        save_file(sd, str(root / DIT_SINGLE))
-        return [root / DIT_SINGLE]
-    total = sum(t.nbytes for t in sd.values())
-    groups: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
-    acc = 0
-    for k, t in sd.items():  # consecutive keys, cut at equal byte fractions
-        groups[min(num_shards - 1, acc * num_shards // max(total, 1))][k] = t
-        acc += t.nbytes
-    if any(not g for g in groups):
-        raise ValueError(f"cannot split {len(sd)} tensors into {num_shards} non-empty shards")
-    weight_map, paths = {}, []
-    for i, g in enumerate(groups, start=1):
-        name = dit_shard_name(i, num_shards)
-        save_file(g, str(root / name))
-        weight_map.update({k: name for k in g})
-        paths.append(root / name)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (root / DIT_INDEX).write_text(json.dumps(index, indent=2))
-    return paths
-
-
-def save_pth(model: nn.Module, path: str | Path, dtype: torch.dtype) -> Path:
-    """A `torch.save` state dict in `dtype`, the format of the official T5 and VAE files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}, path)
-    return path
-
-
-def save_lora(lora_sd: dict[str, torch.Tensor], path: str | Path, prefix: bool = True,
-              dtype: torch.dtype = torch.bfloat16) -> Path:
-    """A peft-named LoRA safetensors file, with or without the `base_model.model.` prefix."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = _canonical_lora_keys(lora_sd, "the LoRA state dict")
-    out = {}
-    for k, t in lora_sd.items():
-        key = names[k] if prefix else names[k].removeprefix(LORA_PREFIX)
-        out[key] = t.detach().to(dtype).contiguous()
-    save_file(out, str(path))
-    return path
-
-
-def random_lora(model: nn.Module, rank: int, seed: int = 0,
-                targets: Sequence[str] = LORA_TARGETS) -> dict[str, torch.Tensor]:
-    """A LoRA with random A and B (both nonzero, so merging changes every target), float32."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = expected_lora_tensors(model, rank, targets)
-    return {k: torch.randn(s, generator=gen) * 0.02 for k, s in shapes.items()}
-
-
-def write_tokenizer_folder(folder: str | Path, vocab_size: int) -> Path:
-    """A small word-level tokenizer folder (`<pad>` 0, `</s>` 1, `<unk>` 2, `</s>` appended)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["a", "man", "woman", "talks", "smiles", "to", "the", "camera", "in", "room", "light", "and"]
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in words[: max(0, vocab_size - 3)]:
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>")
-    fast.save_pretrained(str(folder))
-    return Path(folder)
-
-
-def write_wav2vec2_folder(folder: str | Path, cfg: AudioConfig, seed: int = 0) -> nn.Module:
-    """A wav2vec2 folder like the official one (Wav2Vec2ForCTC safetensors, config, feature extractor);
-    returns the model written."""
-    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
-
-    from liveavatar.audio import wav2vec2_config
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Wav2Vec2ForCTC(wav2vec2_config(cfg))
-    model.save_pretrained(str(folder), safe_serialization=True)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=cfg.sample_rate, padding_value=0.0,
-                             do_normalize=True, return_attention_mask=True).save_pretrained(str(folder))
-    return model
-
-
-@dataclass
-class RandomCheckpoint:
-    """The models written by `write_random_checkpoint` (float32, as initialised) and the LoRA."""
-
-    dit: nn.Module
-    t5: nn.Module
-    vae: nn.Module
-    audio: nn.Module  # transformers Wav2Vec2ForCTC
-    lora: dict[str, torch.Tensor] | None = None
-
-
-def write_random_checkpoint(ckpt_dir: str | Path, preset: Preset | str = "tiny", seed: int = 0,
-                            num_shards: int = 3, lora_path: str | Path | None = None) -> RandomCheckpoint:
-    """A complete checkpoint with random weights in the official layout and file dtypes (for tests):
-    sharded DiT + index + config.json, T5 and VAE `.pth`, tokenizer and wav2vec2 folders, and, when
-    `lora_path` is given, a random LoRA with prefixed keys."""
-    from liveavatar.dit import CausalS2VDiT
-    from liveavatar.t5 import T5Encoder
-    from liveavatar.vae import WanVAE
-
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    root = Path(ckpt_dir)
-    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
-        torch.manual_seed(seed)
-        dit, t5, vae = CausalS2VDiT(preset.dit), T5Encoder(preset.t5), WanVAE(preset.vae)
-    save_dit(dit, root, preset.dit, num_shards=num_shards, dtype=FILE_DTYPES["dit"])
-    save_pth(t5, root / T5_FILE, FILE_DTYPES["t5"])
-    save_pth(vae, root / VAE_FILE, FILE_DTYPES["vae"])
-    write_tokenizer_folder(root / TOKENIZER_DIR, preset.t5.vocab_size)
-    out = RandomCheckpoint(dit, t5, vae, write_wav2vec2_folder(root / AUDIO_DIR, preset.audio, seed))
-    if lora_path is not None:
-        out.lora = random_lora(out.dit, preset.lora_rank, seed, preset.lora_targets)
-        save_lora(out.lora, lora_path, prefix=True, dtype=FILE_DTYPES["lora"])
-    return out
-
-
 __all__ = [
-    "AUDIO_DIR", "COMPONENTS", "CkptPaths", "ComponentReport", "DIT_CONFIG", "DIT_INDEX", "DIT_SINGLE",
-    "FILE_DTYPES", "LORA_FILE", "LORA_PREFIX", "LORA_REPO", "LORA_TARGETS", "PartStats", "RandomCheckpoint",
-    "Report", "T5_FILE", "TOKENIZER_DIR", "TensorMeta", "VAE_FILE", "check_lora", "ckpt_paths",
-    "dit_config_json", "dit_shard_name", "expected_lora_tensors", "format_bytes", "inspect_preset",
+    "AUDIO_DIR", "COMPONENTS", "CkptPaths", "DIT_CONFIG", "DIT_INDEX", "DIT_SHARD_RE", "DIT_SINGLE",
+    "FILE_DTYPES", "LORA_FILE", "LORA_PREFIX", "LORA_REPO", "LORA_TARGETS", "T5_FILE", "TOKENIZER_DIR",
+    "TensorMeta", "VAE_FILE", "check_lora", "ckpt_paths", "dit_shard_name", "expected_lora_tensors",
     "load_dit", "load_lora", "load_t5", "load_vae", "lora_key", "lora_targets", "merge_lora",
-    "parse_components", "random_lora", "read_dit_config", "read_pth_metadata", "read_safetensors_header",
-    "resolve_lora_path", "save_dit", "save_lora", "save_pth", "verify_checkpoint", "write_random_checkpoint",
-    "write_tokenizer_folder", "write_wav2vec2_folder",
+    "read_dit_config", "read_pth_metadata", "read_safetensors_header", "resolve_lora_path",
 ]

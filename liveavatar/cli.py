@@ -20,7 +20,7 @@ from liveavatar.errors import UserError
 
 
 def _cmd_check_ckpt(args: argparse.Namespace) -> int:
-    from liveavatar.checkpoint import verify_checkpoint
+    from liveavatar.verify import verify_checkpoint
 
     report = verify_checkpoint(args.ckpt_dir, lora_path=args.lora_path, only=args.only, preset=args.preset)
     print(report.summary(max_problems=None if args.all_problems else 20))
@@ -28,7 +28,7 @@ def _cmd_check_ckpt(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from liveavatar.checkpoint import format_bytes, inspect_preset
+    from liveavatar.verify import format_bytes, inspect_preset
 
     stats = inspect_preset(args.preset)
     if args.json:

@@ -136,7 +136,7 @@ def _dit_weight_bytes(preset: Preset, fp8: bool) -> tuple[tuple[int, ...], tuple
 
 @functools.lru_cache(maxsize=8)
 def _encoder_bytes(preset: Preset) -> dict[str, int]:
-    from liveavatar.checkpoint import inspect_preset
+    from liveavatar.verify import inspect_preset
 
     stats = {s.name: s for s in inspect_preset(preset.name)}
     return {

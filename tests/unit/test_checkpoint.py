@@ -20,9 +20,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from liveavatar import checkpoint as ck
+from liveavatar.ckpt_writer import dit_config_json, random_lora, save_dit, save_lora, write_random_checkpoint
 from liveavatar.config import S2V_14B, TINY, DiTConfig, replace
 from liveavatar.dit import CausalS2VDiT
 from liveavatar.errors import UserError
+from liveavatar.verify import inspect_preset, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
@@ -37,7 +39,7 @@ def _manifest(name: str) -> dict:
 def ckpt(tmp_path_factory):
     base = tmp_path_factory.mktemp("ckpt")
     lora = base / "LiveAvatar" / ck.LORA_FILE
-    models = ck.write_random_checkpoint(base / "Wan2.2-S2V-14B", TINY, seed=0, num_shards=3, lora_path=lora)
+    models = write_random_checkpoint(base / "Wan2.2-S2V-14B", TINY, seed=0, num_shards=3, lora_path=lora)
     return base / "Wan2.2-S2V-14B", lora, models
 
 
@@ -85,7 +87,7 @@ def test_dit_loads_bit_exact_from_shards(ckpt):
 def test_dit_loads_from_a_single_file(tmp_path):
     torch.manual_seed(1)
     dit = CausalS2VDiT(TINY.dit)
-    ck.save_dit(dit, tmp_path, TINY.dit, num_shards=1, dtype=torch.float32)
+    save_dit(dit, tmp_path, TINY.dit, num_shards=1, dtype=torch.float32)
     assert (tmp_path / ck.DIT_SINGLE).is_file() and not (tmp_path / ck.DIT_INDEX).exists()
     _assert_same(ck.load_dit(tmp_path, TINY.dit, torch.float32).state_dict(), dit.state_dict(), torch.float32)
 
@@ -116,7 +118,7 @@ def test_lora_loads_with_and_without_prefix(ckpt, tmp_path):
     _, lora_path, models = ckpt
     with_prefix = ck.load_lora(lora_path)
     bare = tmp_path / "bare.safetensors"
-    ck.save_lora(models.lora, bare, prefix=False)
+    save_lora(models.lora, bare, prefix=False)
     assert not any(k.startswith(ck.LORA_PREFIX) for k in load_file(bare))
     without = ck.load_lora(bare)
     ref = {k: v.to(torch.bfloat16) for k, v in models.lora.items()}
@@ -168,7 +170,7 @@ def test_merge_matches_float64_and_unmerged_forward():
     torch.manual_seed(0)
     model = CausalS2VDiT(TINY.dit)
     rank, alpha = TINY.lora_rank, TINY.lora_alpha
-    lora = ck.random_lora(model, rank, seed=3)
+    lora = random_lora(model, rank, seed=3)
     merged = copy.deepcopy(model)
     assert ck.merge_lora(merged, lora, alpha, rank) == 4 * 10 + 3 * 4
     n_targets = 0
@@ -195,7 +197,7 @@ def test_merge_matches_float64_and_unmerged_forward():
 def test_merge_in_bf16_rounds_once():
     torch.manual_seed(0)
     model = CausalS2VDiT(TINY.dit).to(torch.bfloat16)
-    lora = {k: v.to(torch.bfloat16) for k, v in ck.random_lora(model, TINY.lora_rank, seed=4).items()}
+    lora = {k: v.to(torch.bfloat16) for k, v in random_lora(model, TINY.lora_rank, seed=4).items()}
     merged = copy.deepcopy(model)
     ck.merge_lora(merged, lora, TINY.lora_alpha, TINY.lora_rank)
     lin, new = model.blocks[1].ffn[2], merged.blocks[1].ffn[2]
@@ -220,7 +222,7 @@ def test_real_dit_lora_targets_match_manifest():
 
 
 def _tiny_lora(model, **changes):
-    lora = ck.random_lora(model, TINY.lora_rank, seed=5)
+    lora = random_lora(model, TINY.lora_rank, seed=5)
     for k, v in changes.items():
         if v is None:
             lora.pop(k)
@@ -267,13 +269,13 @@ def test_load_lora_names_foreign_keys(tmp_path):
 
 
 def test_dit_config_round_trip_and_mismatch(tmp_path):
-    (tmp_path / ck.DIT_CONFIG).write_text(json.dumps(ck.dit_config_json(S2V_14B.dit)))
+    (tmp_path / ck.DIT_CONFIG).write_text(json.dumps(dit_config_json(S2V_14B.dit)))
     assert ck.read_dit_config(tmp_path, S2V_14B.dit) == S2V_14B.dit
     with pytest.raises(UserError, match=r"does not match the preset: num_layers=40 \(preset: 39\); pass"):
         ck.read_dit_config(tmp_path, replace(S2V_14B.dit, num_layers=39))
     with pytest.raises(UserError, match=r"dim=5120 \(preset: 64\), ffn_dim=13824 \(preset: 128\), num_heads"):
         ck.read_dit_config(tmp_path, TINY.dit)
-    raw = ck.dit_config_json(S2V_14B.dit) | {"enable_framepack": False}
+    raw = dit_config_json(S2V_14B.dit) | {"enable_framepack": False}
     (tmp_path / ck.DIT_CONFIG).write_text(json.dumps(raw))
     with pytest.raises(UserError, match=r"sets enable_framepack=False"):
         ck.read_dit_config(tmp_path, S2V_14B.dit)
@@ -286,7 +288,7 @@ def test_loader_errors_name_the_problem(ckpt, tmp_path):
     with pytest.raises(UserError, match=r"does not match the preset: dim=64 \(preset: 5120\)"):
         ck.load_dit(root, S2V_14B.dit, torch.bfloat16)
     wide = replace(TINY.dit, ffn_dim=256)
-    ck.save_dit(CausalS2VDiT(TINY.dit), tmp_path / "d", wide, num_shards=3)  # config says 256, tensors 128
+    save_dit(CausalS2VDiT(TINY.dit), tmp_path / "d", wide, num_shards=3)  # config says 256, tensors 128
     with pytest.raises(UserError, match=r"do not match the model: 12 problem\(s\): tensor blocks\.0\.ffn\.0\."
                                         r"weight has shape \[128, 64\], expected \[256, 64\].*and 7 more"):
         ck.load_dit(tmp_path / "d", wide, torch.float32)
@@ -335,7 +337,7 @@ def test_safetensors_header_detects_truncation(tmp_path):
 
 def test_verify_reports_counts_and_notes(ckpt, tmp_path):
     root, lora, models = ckpt
-    report = ck.verify_checkpoint(root, lora_path=lora, preset="tiny")
+    report = verify_checkpoint(root, lora_path=lora, preset="tiny")
     assert report.ok, report.summary()
     by = {c.name: c for c in report.components}
     assert [c.name for c in report.components] == list(ck.COMPONENTS)
@@ -344,10 +346,10 @@ def test_verify_reports_counts_and_notes(ckpt, tmp_path):
     assert by["dit"].bytes == 2 * by["dit"].params and by["vae"].bytes == 4 * by["vae"].params
     assert by["lora"].tensors == 104 and not any(c.notes for c in report.components)
     # a float32 LoRA is fine (cast when loaded) but noted
-    ck.save_lora(models.lora, tmp_path / "f32.safetensors", dtype=torch.float32)
-    rep = ck.verify_checkpoint(root, lora_path=tmp_path / "f32.safetensors", only="lora", preset="tiny")
+    save_lora(models.lora, tmp_path / "f32.safetensors", dtype=torch.float32)
+    rep = verify_checkpoint(root, lora_path=tmp_path / "f32.safetensors", only="lora", preset="tiny")
     assert rep.ok and "float32" in rep.components[0].notes[0]
-    assert ck.verify_checkpoint(root, preset="tiny").components[1].skipped
+    assert verify_checkpoint(root, preset="tiny").components[1].skipped
 
 
 def test_verify_folders_and_index(ckpt, tmp_path):
@@ -364,16 +366,16 @@ def test_verify_folders_and_index(ckpt, tmp_path):
     assert home != ck.dit_shard_name(1, 3)
     index["weight_map"]["head.modulation"] = ck.dit_shard_name(1, 3)
     (bad / ck.DIT_INDEX).write_text(json.dumps(index))
-    report = ck.verify_checkpoint(bad, preset="tiny")
+    report = verify_checkpoint(bad, preset="tiny")
     text = "\n".join(report.problems)
     assert "num_hidden_layers=3, the preset expects 2" in text
     assert f"missing folder {bad / ck.TOKENIZER_DIR}" in text
     assert "head.modulation is listed in the index for diffusion_pytorch_model-00001-of-00003" in text
     assert f"head.modulation in {home} is not listed" in text
     with pytest.raises(UserError, match=r"unknown component\(s\) vea"):
-        ck.verify_checkpoint(root, only="dit,vea")
+        verify_checkpoint(root, only="dit,vea")
     with pytest.raises(UserError, match=r"--only lora needs --lora_path"):
-        ck.verify_checkpoint(root, only="lora")
+        verify_checkpoint(root, only="lora")
 
 
 # ---- full-size models on meta -----------------------------------------------------------------
@@ -398,7 +400,7 @@ def test_meta_models_match_manifests(component, manifest):
 
 
 def test_inspect_counts_match_the_spec():
-    stats = {s.name: s for s in ck.inspect_preset("s2v-14b")}
+    stats = {s.name: s for s in inspect_preset("s2v-14b")}
     expect = {  # architecture.md §10.1 and the manifests
         "dit": (1260, 16_295_755_609), "dit.blocks": (None, 14_055_772_160),
         "dit.embeddings+head": (None, 232_719_424), "dit.audio encoder": (None, 95_051_545),
@@ -448,8 +450,8 @@ def test_peak_host_rss_while_loading_stays_near_one_copy(tmp_path):
                   audio_inject_layers=(0, 2, 4, 6))
     torch.manual_seed(0)
     model = CausalS2VDiT(cfg)
-    ck.save_dit(model, tmp_path / "bf16", cfg, num_shards=3, dtype=torch.bfloat16)  # ~213 MB
-    ck.save_dit(model, tmp_path / "fp32", cfg, num_shards=3, dtype=torch.float32)  # ~425 MB
+    save_dit(model, tmp_path / "bf16", cfg, num_shards=3, dtype=torch.bfloat16)  # ~213 MB
+    save_dit(model, tmp_path / "fp32", cfg, num_shards=3, dtype=torch.float32)  # ~425 MB
     del model
     cfg_json = json.dumps({k: getattr(cfg, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers",
                                                          "audio_inject_layers")})

@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from liveavatar import checkpoint as ck
+from liveavatar.ckpt_writer import write_random_checkpoint
 from liveavatar.cli import main
 from liveavatar.config import TINY
+from liveavatar.verify import inspect_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def ckpt(tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
     lora = base / "LiveAvatar" / ck.LORA_FILE
-    ck.write_random_checkpoint(base / "Wan2.2-S2V-14B", TINY, seed=1, num_shards=3, lora_path=lora)
+    write_random_checkpoint(base / "Wan2.2-S2V-14B", TINY, seed=1, num_shards=3, lora_path=lora)
     return base / "Wan2.2-S2V-14B", lora
 
 
@@ -148,7 +150,7 @@ def test_inspect_json_reports_the_real_dit(capsys):
     assert comps["t5"]["params"] == 5_680_910_336 and comps["lora"]["tensors"] == 896
     assert main(["inspect", "--preset", "tiny"]) == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[2].split()[:3] == ["dit", "180", f"{ck.inspect_preset('tiny')[0].params:,}"]
+    assert table.splitlines()[2].split()[:3] == ["dit", "180", f"{inspect_preset('tiny')[0].params:,}"]
 
 
 def test_python_m_liveavatar(ckpt):

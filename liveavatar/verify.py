@@ -1,0 +1,409 @@
+"""Header-only checkpoint verification and model sizes: `liveavatar check-ckpt` and `liveavatar inspect`.
+
+`verify_checkpoint` checks a `Wan2.2-S2V-14B/` folder (and the Live Avatar LoRA) component by
+component from file headers, the safetensors index and the `.pth` zip directories alone, without
+reading any weight, against the same meta-built models the loaders of `liveavatar.checkpoint` use:
+missing, unexpected or misshapen tensors, missing or truncated shards, configs that describe another
+model, and non-official dtypes (noted, not failed). The result is a `Report` of `ComponentReport`s
+that prints as one screen. `inspect_preset` reports tensors, parameters and byte sizes of every
+component of a preset from those models (`PartStats`), for `inspect` and the memory planner.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from liveavatar.checkpoint import (
+    _LORA_KEY,
+    _W2V_HEADS,
+    _W2V_WEIGHTS,
+    COMPONENTS,
+    DIT_CONFIG,
+    DIT_SHARD_RE,
+    FILE_DTYPES,
+    TensorMeta,
+    _build_on_meta,
+    _compare,
+    _dit_headers,
+    _dit_layout,
+    _dtype_name,
+    _expected_shapes,
+    _file_metas,
+    _lora_problems,
+    _w2v_key,
+    _w2v_model_on_meta,
+    ckpt_paths,
+    expected_lora_tensors,
+    lora_key,
+    read_dit_config,
+    read_pth_metadata,
+    resolve_lora_path,
+)
+from liveavatar.config import AudioConfig, Preset, get_preset
+from liveavatar.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Verification from headers
+
+
+def _dtype_notes(found: dict[str, TensorMeta], want: torch.dtype, what: str) -> tuple[list[str], list[str]]:
+    """(problems, notes): non-float tensors are problems; other float dtypes than the official one, notes."""
+    problems = [f"tensor {k} has dtype {_dtype_name(m.dtype)}, expected a floating dtype"
+                for k, m in found.items() if not m.dtype.is_floating_point]
+    other = sorted({_dtype_name(m.dtype) for m in found.values()
+                    if m.dtype.is_floating_point and m.dtype != want})
+    notes = [f"{what} stores {'/'.join(other)} tensors (official file: {_dtype_name(want)}); they are cast "
+             f"when loaded"] if other else []
+    return problems, notes
+
+
+@dataclass
+class ComponentReport:
+    name: str
+    files: list[str] = field(default_factory=list)
+    tensors: int = 0
+    params: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not failures
+    skipped: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def count(self, metas: dict[str, TensorMeta]) -> None:
+        self.tensors = len(metas)
+        self.params = sum(m.numel for m in metas.values())
+        self.bytes = sum(m.nbytes for m in metas.values())
+
+
+@dataclass
+class Report:
+    ckpt_dir: str
+    preset: str
+    components: list[ComponentReport]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.components)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{c.name}: {p}" for c in self.components for p in c.problems]
+
+    def summary(self, max_problems: int | None = 20) -> str:
+        """One screen when complete; otherwise every problem (at most `max_problems` per component)."""
+        lines = [f"checkpoint {self.ckpt_dir} (preset {self.preset})",
+                 f"{'component':<10} {'status':<8} {'tensors':>8} {'params':>16} {'size':>10}  files"]
+        for c in self.components:
+            status = "skipped" if c.skipped else ("ok" if c.ok else "FAILED")
+            files = c.skipped or _files_text(c.files)
+            lines.append(f"{c.name:<10} {status:<8} {c.tensors:>8} {c.params:>16,} "
+                         f"{format_bytes(c.bytes):>10}  {files}")
+        for c in self.components:
+            lines += [f"note: {c.name}: {n}" for n in c.notes]
+        if self.ok:
+            lines.append("all checked components are complete")
+            return "\n".join(lines)
+        lines.append(f"{len(self.problems)} problem(s):")
+        for c in self.components:
+            shown = c.problems if max_problems is None else c.problems[:max_problems]
+            lines += [f"  {c.name}: {p}" for p in shown]
+            if len(shown) < len(c.problems):
+                lines.append(f"  {c.name}: ... and {len(c.problems) - len(shown)} more (all: --all_problems)")
+        return "\n".join(lines)
+
+
+def _files_text(files: list[str]) -> str:
+    shards = [f for f in files if DIT_SHARD_RE.match(f)]
+    rest = [f for f in files if f not in shards]
+    text = ", ".join(rest[:4]) + (f", ... ({len(rest)} files)" if len(rest) > 4 else "")
+    return text + (f" + {len(shards)} shards" if len(shards) > 1 else f", {shards[0]}" if shards else "")
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _check_dit(root: Path, preset: Preset, rep: ComponentReport) -> None:
+    from liveavatar.dit import CausalS2VDiT
+
+    config_ok = True
+    try:
+        read_dit_config(root, preset.dit)
+        rep.files.append(DIT_CONFIG)
+    except UserError as exc:
+        rep.problems.append(str(exc))
+        config_ok = not (root / DIT_CONFIG).is_file()  # a missing config.json does not explain tensors
+    shards, files, problems = _dit_layout(root)
+    rep.files += files
+    rep.problems += problems
+    metas, _, problems, lost = _dit_headers(shards)
+    rep.problems += problems
+    rep.count(metas)
+    if any(shards[p] is None for p in lost) or not shards:
+        return  # the single weights file is unreadable: nothing to compare
+    if not config_ok:
+        rep.notes.append("tensors not compared: config.json describes another model than the preset")
+        return
+    expected = _expected_shapes(_build_on_meta(CausalS2VDiT, preset.dit))
+    # tensors of a missing or unreadable shard are reported with the shard, not one by one
+    unknown = {k for p in lost for k in shards[p]}
+    rep.problems += _compare({k: s for k, s in expected.items() if k not in unknown}, metas)
+    problems, notes = _dtype_notes(metas, FILE_DTYPES["dit"], "the DiT")
+    rep.problems += problems
+    rep.notes += notes
+
+
+def _check_pth(path: Path, model: nn.Module, kind: str, rep: ComponentReport) -> None:
+    rep.files.append(path.name)
+    if not path.is_file():
+        rep.problems.append(f"missing file {path}")
+        return
+    try:
+        metas = read_pth_metadata(path)
+    except UserError as exc:
+        rep.problems.append(str(exc))
+        return
+    rep.count(metas)
+    rep.problems += _compare(_expected_shapes(model), metas)
+    problems, notes = _dtype_notes(metas, FILE_DTYPES[kind], path.name)
+    rep.problems += problems
+    rep.notes += notes
+
+
+def _check_lora(path: str | Path, preset: Preset, rep: ComponentReport) -> None:
+    from liveavatar.dit import CausalS2VDiT
+
+    try:
+        p = resolve_lora_path(path)
+        rep.files.append(str(p))
+        raw = _file_metas(p)
+    except UserError as exc:
+        rep.problems.append(str(exc))
+        return
+    rep.count(raw)
+    found, foreign = {}, []
+    for k, m in raw.items():
+        mm = _LORA_KEY.match(k)
+        if mm is None:
+            foreign.append(k)
+        else:
+            found[lora_key(mm["module"], mm["ab"])] = m
+    rep.problems += [f"tensor {k} is not a peft LoRA weight (<module>.lora_A/B[.default].weight)"
+                     for k in foreign]
+    model = _build_on_meta(CausalS2VDiT, preset.dit)
+    rep.problems += _lora_problems(found, model, preset.lora_rank, preset.lora_targets)
+    problems, notes = _dtype_notes(raw, FILE_DTYPES["lora"], "the LoRA")
+    rep.problems += problems
+    rep.notes += notes
+
+
+# config.json fields compared with the wav2vec2 config of the preset
+_W2V_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                      "conv_dim", "conv_kernel", "conv_stride", "num_conv_pos_embeddings",
+                      "num_conv_pos_embedding_groups")
+
+
+def _check_audio(folder: Path, cfg: AudioConfig, rep: ComponentReport) -> None:
+    if not folder.is_dir():
+        rep.problems.append(f"missing folder {folder}")
+        return
+    conf = folder / "config.json"
+    config_problems = len(rep.problems)
+    if not conf.is_file():
+        rep.problems.append(f"missing file {conf}")
+        config_problems += 1  # tensors are still worth comparing
+    else:
+        rep.files.append("config.json")
+        try:
+            raw = json.loads(conf.read_text())
+            from liveavatar.audio import wav2vec2_config
+
+            want = wav2vec2_config(cfg).to_dict()
+            for name in _W2V_CONFIG_FIELDS:
+                if name in raw and list(_as_list(raw[name])) != list(_as_list(want[name])):
+                    rep.problems.append(f"{conf} sets {name}={raw[name]!r}, the preset expects "
+                                        f"{want[name]!r}")
+        except ValueError as exc:
+            rep.problems.append(f"{conf} is not valid JSON ({exc})")
+    weights = [folder / n for n in _W2V_WEIGHTS if (folder / n).is_file()]
+    if not weights:
+        rep.problems.append(f"no wav2vec2 weights in {folder}: expected {' or '.join(_W2V_WEIGHTS)}")
+        return
+    path = weights[0]
+    rep.files.append(path.name)
+    try:
+        raw_metas = _file_metas(path)
+    except UserError as exc:
+        rep.problems.append(str(exc))
+        return
+    metas = {_w2v_key(k): m for k, m in raw_metas.items() if not k.startswith(_W2V_HEADS)}
+    metas.pop("masked_spec_embed", None)  # only used for training-time masking; optional in checkpoints
+    expected = _expected_shapes(_w2v_model_on_meta(cfg))
+    expected.pop("masked_spec_embed", None)
+    rep.count(metas)
+    if len(rep.problems) > config_problems:
+        rep.notes.append("tensors not compared: config.json describes another model than the preset")
+        return
+    rep.problems += _compare(expected, metas)
+    problems, notes = _dtype_notes(metas, FILE_DTYPES["audio"], path.name)
+    rep.problems += problems
+    rep.notes += notes
+
+
+def _as_list(v):
+    return v if isinstance(v, list | tuple) else [v]
+
+
+def _check_tokenizer(folder: Path, preset: Preset, rep: ComponentReport) -> None:
+    if not folder.is_dir():
+        rep.problems.append(f"missing folder {folder}")
+        return
+    names = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+    present = [n for n in names if (folder / n).is_file()]
+    rep.files += present
+    if not {"tokenizer.json", "spiece.model"} & set(present):
+        rep.problems.append(f"{folder} holds neither tokenizer.json nor spiece.model")
+        return
+    from liveavatar.t5 import TextTokenizer
+
+    try:
+        tok = TextTokenizer.from_folder(folder, text_len=preset.t5.text_len)
+    except UserError as exc:
+        rep.problems.append(str(exc))
+        return
+    if tok.vocab_size > preset.t5.vocab_size:
+        rep.problems.append(f"the tokenizer has {tok.vocab_size} tokens but the T5 embedding only "
+                            f"{preset.t5.vocab_size}; use the umT5 tokenizer of this checkpoint")
+
+
+def parse_components(only: str | Sequence[str] | None) -> tuple[str, ...]:
+    if only is None:
+        return COMPONENTS
+    names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
+    bad = [n for n in names if n not in COMPONENTS]
+    if bad or not names:
+        raise UserError(f"unknown component(s) {', '.join(bad) or '(none given)'} in --only; "
+                        f"choose from {','.join(COMPONENTS)}")
+    return tuple(n for n in COMPONENTS if n in names)
+
+
+def verify_checkpoint(ckpt_dir: str | Path, lora_path: str | Path | None = None,
+                      only: str | Sequence[str] | None = None, preset: Preset | str = "s2v-14b") -> Report:
+    """Check a checkpoint folder (and LoRA) against the models of `preset` without reading weights."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    names = parse_components(only)
+    if only is not None and "lora" in names and lora_path is None:
+        raise UserError("--only lora needs --lora_path pointing at liveavatar.safetensors")
+    paths = ckpt_paths(ckpt_dir)
+    reports = []
+    for name in names:
+        rep = ComponentReport(name)
+        if name == "dit":
+            _check_dit(paths.root, preset, rep)
+        elif name == "lora":
+            if lora_path is None:
+                rep.skipped = "no --lora_path given"
+            else:
+                _check_lora(lora_path, preset, rep)
+        elif name == "t5":
+            from liveavatar.t5 import T5Encoder
+
+            _check_pth(paths.t5, _build_on_meta(T5Encoder, preset.t5), "t5", rep)
+        elif name == "vae":
+            from liveavatar.vae import WanVAE
+
+            _check_pth(paths.vae, _build_on_meta(WanVAE, preset.vae), "vae", rep)
+        elif name == "audio":
+            _check_audio(paths.audio, preset.audio, rep)
+        else:
+            _check_tokenizer(paths.tokenizer, preset, rep)
+        reports.append(rep)
+    return Report(str(paths.root), preset.name, reports)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes of the models of a preset (for `inspect` and planning)
+
+_DIT_PARTS = (
+    ("blocks", ("blocks.",)),
+    ("embeddings+head",
+     ("patch_embedding.", "text_embedding.", "time_embedding.", "time_projection.", "head.")),
+    ("audio encoder", ("casual_audio_encoder.",)),
+    ("audio injectors", ("audio_injector.",)),
+    ("frame packer+cond", ("frame_packer.", "cond_encoder.", "trainable_cond_mask.")),
+)
+_VAE_PARTS = (("encoder", ("encoder.", "conv1.")), ("decoder", ("decoder.", "conv2.")))
+
+
+@dataclass(frozen=True)
+class PartStats:
+    name: str  # "dit", "dit.blocks", ...
+    tensors: int
+    params: int
+    file_dtype: torch.dtype
+
+    def bytes_as(self, dtype: torch.dtype) -> int:
+        return self.params * dtype.itemsize
+
+    @property
+    def file_bytes(self) -> int:
+        return self.bytes_as(self.file_dtype)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "tensors": self.tensors, "params": self.params,
+            "file_dtype": _dtype_name(self.file_dtype), "file_bytes": self.file_bytes,
+            "bytes_per_dtype": {_dtype_name(d): self.bytes_as(d) for d in (torch.bfloat16, torch.float32)},
+        }
+
+
+def _stats(name: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+           parts: Sequence[tuple[str, tuple[str, ...]]] = ()) -> list[PartStats]:
+    def one(label: str, keys: list[str]) -> PartStats:
+        return PartStats(label, len(keys), sum(math.prod(shapes[k]) for k in keys), dtype)
+
+    out = [one(name, list(shapes))]
+    covered = set()
+    for label, prefixes in parts:
+        keys = [k for k in shapes if k.startswith(prefixes)]
+        covered.update(keys)
+        out.append(one(f"{name}.{label}", keys))
+    if parts and len(covered) != len(shapes):
+        out.append(one(f"{name}.other", [k for k in shapes if k not in covered]))
+    return out
+
+
+def inspect_preset(preset: Preset | str = "s2v-14b") -> list[PartStats]:
+    """Tensors, parameters and sizes of every component of `preset`, from the models built on meta."""
+    from liveavatar.dit import CausalS2VDiT
+    from liveavatar.t5 import T5Encoder
+    from liveavatar.vae import WanVAE
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    dit = _build_on_meta(CausalS2VDiT, preset.dit)
+    out = _stats("dit", _expected_shapes(dit), FILE_DTYPES["dit"], _DIT_PARTS)
+    lora = expected_lora_tensors(dit, preset.lora_rank, preset.lora_targets)
+    out += _stats("lora", lora, FILE_DTYPES["lora"])
+    out += _stats("t5", _expected_shapes(_build_on_meta(T5Encoder, preset.t5)), FILE_DTYPES["t5"])
+    out += _stats("vae", _expected_shapes(_build_on_meta(WanVAE, preset.vae)), FILE_DTYPES["vae"], _VAE_PARTS)
+    out += _stats("audio", _expected_shapes(_w2v_model_on_meta(preset.audio)), FILE_DTYPES["audio"])
+    return out
+
+
+__all__ = [
+    "ComponentReport", "PartStats", "Report", "format_bytes", "inspect_preset", "parse_components",
+    "verify_checkpoint",
+]
