@@ -174,6 +174,48 @@ class Pipeline:
         return cls(TINY, dit, vae, t5, TextTokenizer.builtin(TINY.t5.vocab_size), audio, device, runtime)
 
     @classmethod
+    def random_weights(cls, preset: Preset, device="cuda", dtype: torch.dtype = torch.bfloat16,
+                       runtime: RuntimeConfig | None = None, seed: int = 0) -> Pipeline:
+        """Every model of `preset` at full size with random weights, for speed and memory measurements
+        (neither depends on weight values). Models are built on meta and materialised where they live."""
+        from liveavatar.audio import AudioEncoder
+        from liveavatar.t5 import T5Encoder, TextTokenizer
+        from liveavatar.vae import WanVAE
+
+        runtime = runtime or RuntimeConfig()
+        device = torch.device(device)
+        host_first = runtime.fp8 or runtime.resident_blocks is not None
+        enc_dev = "cpu" if runtime.offload_model else device
+        gen = torch.Generator("cpu").manual_seed(seed)
+
+        def make(module_cls, cfg, where):
+            with torch.device("meta"):
+                m = module_cls(cfg)
+            m = m.to_empty(device=where).to(dtype)
+            with torch.no_grad():
+                for name, p in m.named_parameters():
+                    if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight", "gamma", "norm.weight",
+                                      "norm1.weight", "norm2.weight")):
+                        p.fill_(1.0)
+                    elif name.endswith("bias"):
+                        p.zero_()
+                    else:  # drawn on the CPU in chunks: same values on any device
+                        flat = p.view(-1)
+                        for i in range(0, flat.numel(), 1 << 26):
+                            part = flat[i:i + (1 << 26)]
+                            part.copy_(torch.randn(part.numel(), generator=gen).mul_(0.02))
+            return m.eval()
+
+        dit = make(CausalS2VDiT, preset.dit, "cpu" if host_first else device)
+        with torch.no_grad():
+            dit.casual_audio_encoder.weights.fill_(0.5)
+        vae = make(WanVAE, preset.vae, device)
+        t5 = make(T5Encoder, preset.t5, "cpu" if runtime.t5_cpu else enc_dev)
+        audio = AudioEncoder.random(preset.audio, seed=seed, dtype=dtype).to(enc_dev)
+        tokenizer = TextTokenizer.builtin(preset.t5.vocab_size, preset.t5.text_len)
+        return cls(preset, dit, vae, t5, tokenizer, audio, device, runtime)
+
+    @classmethod
     def from_checkpoint(cls, ckpt_dir: str, lora_path: str | None = None, preset: Preset | None = None,
                         device="cuda", dtype: torch.dtype = torch.bfloat16,
                         runtime: RuntimeConfig | None = None) -> Pipeline:
