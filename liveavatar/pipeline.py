@@ -190,8 +190,8 @@ class Pipeline:
 
         def make(module_cls, cfg, where):
             with torch.device("meta"):
-                m = module_cls(cfg)
-            m = m.to_empty(device=where).to(dtype)
+                m = module_cls(cfg).to(dtype)  # cast on meta: no full-precision copy is ever allocated
+            m = m.to_empty(device=where)
             with torch.no_grad():
                 for name, p in m.named_parameters():
                     if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight", "gamma", "norm.weight",
