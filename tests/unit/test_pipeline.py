@@ -99,3 +99,15 @@ def test_sink_is_refreshed_with_the_first_generated_latent(pipe, inputs):
     other = list(plain.latents())
     assert all(torch.equal(a, b) for a, b in zip(latents[:4], other[:4], strict=True))
     assert not torch.equal(latents[4], other[4])
+
+
+def test_random_weights_pipeline_is_seeded_and_runs(inputs):
+    from liveavatar.config import TINY
+
+    opts = GenerationOptions(size=SIZE, num_clip=1, seed=2)
+    runs = []
+    for _ in range(2):
+        p = Pipeline.random_weights(TINY, "cpu", torch.float32, seed=4)
+        assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in p.dit.parameters())
+        runs.append(torch.cat(list(p.session(inputs[0], inputs[1], "a person talking", opts).latents()), dim=2))
+    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1])
