@@ -191,7 +191,7 @@ def _runtime_from_args(args: argparse.Namespace):
     if getattr(args, "offload_kv_cache", False) and kv is None:
         kv = 0
     return RuntimeConfig(fp8=args.fp8, resident_blocks=args.resident_blocks, kv_on_device=kv,
-                         t5_cpu=args.t5_cpu, offload_model=args.offload_model)
+                         kv_fp8=args.kv_fp8, t5_cpu=args.t5_cpu, offload_model=args.offload_model)
 
 
 def _gpus(args: argparse.Namespace) -> tuple[int, float | None]:
@@ -255,6 +255,7 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="keep K transformer blocks on the GPU and stream the rest from host memory")
     p.add_argument("--kv_on_device", type=int, default=None,
                    help="denoising-step KV caches kept on the GPU (the rest in host memory, staged per layer)")
+    p.add_argument("--kv_fp8", action="store_true", help="store the KV caches kept on the GPU in FP8 e4m3")
     p.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
     p.add_argument("--offload_model", type=_str2bool, nargs="?", const=True, default=True,
                    help="keep the text and audio encoders in host memory between uses (default true)")
@@ -269,7 +270,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--aspect", default="16:9", help="image aspect H:W (default 16:9, a portrait)")
     p.add_argument("--infer_frames", type=int, default=48)
     p.add_argument("--auto", action="store_true", help="pick the fastest configuration that fits")
-    p.add_argument("--no_fp8", action="store_true", help="with --auto: keep bf16 weights")
+    p.add_argument("--no_fp8", action="store_true", help="with --auto: keep bf16 weights and KV caches (no FP8)")
     p.add_argument("--tflops", type=float, default=None, help="GPU dense bf16 TFLOP/s for the speed estimate")
     p.add_argument("--link_gbps", type=float, default=None, help="host-to-GPU GB/s for the speed estimate")
     p.add_argument("--json", action="store_true")

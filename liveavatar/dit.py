@@ -378,12 +378,11 @@ class CausalS2VDiT(nn.Module):
 
         for i, block in enumerate(self.blocks):
             def attend(q, k, v, i=i):
-                rk, rv = ring.layer(i)  # [B, ring_len, N, d] on the compute device
-                rk[:, slot:slot + seg] = apply_rope(k, cos_q, sin_q)
-                rv[:, slot:slot + seg] = v
+                ring.write(i, slot, apply_rope(k, cos_q, sin_q), v)
+                rk, rv = ring.read(i, n_active)  # [B, n_active, N, d] on the compute device
                 sk = apply_rope(sink.k[i], cos_s, sin_s)
-                keys = torch.cat([rk[:, :n_active], sk], dim=1)
-                vals = torch.cat([rv[:, :n_active], sink.v[i]], dim=1)
+                keys = torch.cat([rk, sk], dim=1)
+                vals = torch.cat([rv, sink.v[i]], dim=1)
                 out = attention(apply_rope(q, cos_q, sin_q), keys, vals)
                 ring.commit(i, slot, slot + seg)
                 return out

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from liveavatar.config import Preset
-from liveavatar.kv_cache import HostRingKVCache, RingKVCache, SinkCache, SinkLayout
+from liveavatar.kv_cache import FP8RingKVCache, HostRingKVCache, RingKVCache, SinkCache, SinkLayout
 
 GiB = 2**30
 GB = 10**9
@@ -54,6 +54,7 @@ class RuntimeConfig:
     fp8: bool = False  # --fp8: DiT Linear weights in e4m3
     resident_blocks: int | None = None  # --resident_blocks K: the rest streamed from host (None: all)
     kv_on_device: int | None = None  # --kv_on_device N: step caches kept on the GPU (None: all)
+    kv_fp8: bool = False  # --kv_fp8: the step caches kept on the GPU store K/V in FP8 e4m3
     t5_cpu: bool = False  # --t5_cpu: text encoder runs on the CPU
     offload_model: bool = True  # --offload_model: encoders live in host memory, on the GPU only while running
 
@@ -65,6 +66,8 @@ class RuntimeConfig:
             out += ["--resident_blocks", str(self.resident_blocks)]
         if self.kv_on_device is not None:
             out += ["--kv_on_device", str(self.kv_on_device)]
+        if self.kv_fp8:
+            out.append("--kv_fp8")
         if self.t5_cpu:
             out.append("--t5_cpu")
         out += ["--offload_model", "true" if self.offload_model else "false"]
@@ -206,8 +209,9 @@ def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infe
     k = len(groups) if cfg.resident_blocks is None else max(0, min(cfg.resident_blocks, len(groups)))
     rest = flat[k:]
     enc = _encoder_bytes(preset)
-    ring = RingKVCache.bytes_for(preset.dit, fs, BF16)
+    ring = (FP8RingKVCache if cfg.kv_fp8 else RingKVCache).bytes_for(preset.dit, fs, BF16)
     n_dev = steps if cfg.kv_on_device is None else max(0, min(cfg.kv_on_device, steps))
+    dequant = 2 * preset.dit.ring_frames * fs * preset.dit.dim * (4 + 2) if (cfg.kv_fp8 and n_dev) else 0
     steady = {
         "dit.weights.resident_blocks": sum(groups[:k]),
         "dit.weights.other": base,
@@ -215,7 +219,7 @@ def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infe
         "kv.ring_caches": n_dev * ring,
         "kv.host_ring_slots": (steps - n_dev) * HostRingKVCache.device_bytes_for(preset.dit, fs, BF16),
         "kv.sink": SinkCache.bytes_for(preset.dit, layout, BF16),
-        "dit.workspace": block_workspace_bytes(preset, fs),
+        "dit.workspace": block_workspace_bytes(preset, fs) + dequant,  # + FP8 ring read-back copies
         "vae.weights": enc["vae"],
         "vae.stream_state": stream_state_nbytes(preset.vae, h, w, BF16),
         "vae.decode_workspace": vae_decode_workspace_bytes(preset, height, width),
@@ -311,9 +315,11 @@ def candidates(preset: Preset, allow_fp8: bool = True) -> list[RuntimeConfig]:
     out = []
     for fp8 in (False, True) if allow_fp8 else (False,):
         for kv in [None] + list(range(steps - 1, -1, -1)):
-            for k in [None] + list(range(n_blocks - 1, -1, -1)):
-                for t5_cpu in (False, True):
-                    out.append(RuntimeConfig(fp8=fp8, resident_blocks=k, kv_on_device=kv, t5_cpu=t5_cpu))
+            for kv_fp8 in (False, True) if (kv != 0 and allow_fp8) else (False,):
+                for k in [None] + list(range(n_blocks - 1, -1, -1)):
+                    for t5_cpu in (False, True):
+                        out.append(RuntimeConfig(fp8=fp8, resident_blocks=k, kv_on_device=kv, kv_fp8=kv_fp8,
+                                                 t5_cpu=t5_cpu))
     return out
 
 

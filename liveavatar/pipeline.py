@@ -31,7 +31,7 @@ from liveavatar import media
 from liveavatar.config import Preset
 from liveavatar.dit import CausalS2VDiT
 from liveavatar.errors import UserError
-from liveavatar.kv_cache import HostRingKVCache, RingKVCache, SinkCache, SinkLayout
+from liveavatar.kv_cache import FP8RingKVCache, HostRingKVCache, RingKVCache, SinkCache, SinkLayout
 from liveavatar.memory import RuntimeConfig
 from liveavatar.sampler import euler_step, make_schedule
 from liveavatar.t5 import encode_text
@@ -297,7 +297,8 @@ class Session:
             self.motion_latents = pipe.vae.encode(ref[None, :, None].expand(1, 3, cfg.motion_frames, -1, -1))
 
         n_dev = len(self.schedule) if pipe.runtime.kv_on_device is None else pipe.runtime.kv_on_device
-        self.rings = [(RingKVCache if i < n_dev else HostRingKVCache).allocate(cfg, self.layout.fs, dtype, dev)
+        on_device = FP8RingKVCache if pipe.runtime.kv_fp8 else RingKVCache
+        self.rings = [(on_device if i < n_dev else HostRingKVCache).allocate(cfg, self.layout.fs, dtype, dev)
                       for i in range(len(self.schedule))]
         self.sink = SinkCache.allocate(cfg, self.layout, dtype, dev)
         self._audio = None

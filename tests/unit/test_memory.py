@@ -46,6 +46,23 @@ def test_full_size_cache_bytes_equal_the_cache_objects_on_meta():
     assert steady["kv.host_ring_slots"] == 3 * 2 * ring.device_nbytes // 40
 
 
+def test_fp8_ring_cache_bytes_and_round_trip():
+    from liveavatar.kv_cache import FP8RingKVCache
+
+    steady, _ = components(S2V_14B, RuntimeConfig(kv_on_device=2, kv_fp8=True), 704, 384)
+    ring = FP8RingKVCache.allocate(S2V_14B.dit, 1056, torch.bfloat16, "meta")
+    assert steady["kv.ring_caches"] == 2 * ring.nbytes == 2 * (40 * 12672 * 5120 * 2 + 40 * 12672 * 40 * 2 * 4)
+    small = FP8RingKVCache.allocate(TINY.dit, 16, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 1, 48, 4, 16, generator=g).unbind(0)
+    small.write(1, 96, k, v)
+    rk, rv = small.read(1, 144)
+    for ours, ref in ((rk[:, 96:], k), (rv[:, 96:], v)):
+        rel = ((ours - ref).norm() / ref.norm()).item()
+        assert 0 < rel < 0.04, rel  # e4m3 keeps 3 mantissa bits
+    assert torch.all(rk[:, :96] == 0)
+
+
 def test_tiny_pipeline_objects_match_the_planner(tmp_path):
     """Allocate what a tiny session allocates (device emulated on the CPU) and compare every byte count."""
     from liveavatar.offload import apply_block_streaming

@@ -18,6 +18,7 @@ from liveavatar.cli import build_parser, main
 GiB = 2**30
 RING = 40 * 12 * 1056 * 2 * 5120 * 2  # one step's ring at 704x384: 40 layers, 12 frames of fs 1056, K+V bf16
 SINK = 40 * 2640 * 2 * 5120 * 2  # sink at 704x384: 1056 ref + 1056 + 264 + 264 motion tokens
+RING_FP8 = 40 * 12 * 1056 * 2 * 5120 + 40 * 12 * 1056 * 2 * 40 * 4  # FP8 K+V plus one fp32 scale per token/head
 HOST_SLOTS = 2 * RING // 40  # a host-staged ring keeps two layers on the GPU
 TRANSIENT = ("dit.workspace", "vae.decode_workspace")  # never alive at once
 NOT_RESIDENT = ("setup.encoders", "cuda_context")
@@ -47,8 +48,8 @@ def check_flags_round_trip(p: dict) -> None:
     """The printed flags give `generate` the configuration the plan describes."""
     ns = generate_args(p["flags"])
     cfg = p["config"]
-    assert (ns.fp8, ns.resident_blocks, ns.kv_on_device, ns.t5_cpu, ns.offload_model) == (
-        cfg["fp8"], cfg["resident_blocks"], cfg["kv_on_device"], cfg["t5_cpu"], cfg["offload_model"])
+    assert (ns.fp8, ns.resident_blocks, ns.kv_on_device, ns.kv_fp8, ns.t5_cpu, ns.offload_model) == (
+        cfg["fp8"], cfg["resident_blocks"], cfg["kv_on_device"], cfg["kv_fp8"], cfg["t5_cpu"], cfg["offload_model"])
 
 
 def check_components(g: dict, cfg: dict) -> None:
@@ -58,7 +59,7 @@ def check_components(g: dict, cfg: dict) -> None:
     assert g["steady_bytes"] == steady
     assert g["peak_bytes"] == max(g["steady_bytes"], g["setup_bytes"])
     on_device = 4 if cfg["kv_on_device"] is None else cfg["kv_on_device"]
-    assert c["kv.ring_caches"] == on_device * RING
+    assert c["kv.ring_caches"] == on_device * (RING_FP8 if cfg["kv_fp8"] else RING)
     assert c["kv.host_ring_slots"] == (4 - on_device) * HOST_SLOTS
     assert c["kv.sink"] == SINK
     assert (c["dit.stream_slots"] > 0) == (cfg["resident_blocks"] is not None and cfg["resident_blocks"] < 40)
@@ -115,7 +116,7 @@ def test_more_memory_is_never_slower(capsys):
 def test_no_fp8_never_picks_fp8(capsys, gib):
     rc, p = plan_json(capsys, "--gpu_memory", str(gib), "--auto", "--no_fp8")
     assert rc == 0 and p["fits"] is True
-    assert p["config"]["fp8"] is False and "--fp8" not in p["flags"]
+    assert p["config"]["fp8"] is False and p["config"]["kv_fp8"] is False and "--fp8" not in p["flags"]
     assert p["gpus"][0]["peak_bytes"] <= p["budget_bytes"]
     check_components(p["gpus"][0], p["config"])
     check_flags_round_trip(p)

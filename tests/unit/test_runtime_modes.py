@@ -54,6 +54,15 @@ def test_fp8_weights_stay_within_fp8_tolerance(inputs, resident):
     assert 0 < rel < 0.05, rel  # FP8 changes the numbers, but only by quantisation noise
 
 
+def test_fp8_kv_cache_stays_within_fp8_tolerance(inputs, resident):
+    from liveavatar.kv_cache import FP8RingKVCache
+
+    session, z = _latents(inputs, RuntimeConfig(kv_fp8=True, kv_on_device=3))
+    assert [type(r) for r in session.rings] == [FP8RingKVCache] * 3 + [HostRingKVCache]
+    rel = ((z - resident).norm() / resident.norm()).item()
+    assert 0 < rel < 0.05, rel
+
+
 def test_fp8_with_streaming_equals_fp8_resident(inputs):
     _, a = _latents(inputs, RuntimeConfig(fp8=True))
     _, b = _latents(inputs, RuntimeConfig(fp8=True, resident_blocks=1, kv_on_device=2))
