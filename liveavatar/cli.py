@@ -139,6 +139,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     opts = GenerationOptions(
         size=media.parse_size(args.size), infer_frames=args.infer_frames, num_clip=args.num_clip, seed=seed,
         sample_steps=args.sample_steps, online_decode=not args.offline_decode,
+        audio_offset_frames=args.audio_offset_frames,
     )
     image = args.image or str(media.example_image_path())
     audio = args.audio or str(media.example_audio_path())
@@ -151,7 +152,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     runtime = _runtime_from_args(args)
     table = _check_fits(args, preset, runtime, device, inputs.height, inputs.width, opts.infer_frames)
     length = stream_length(len(inputs.wave), opts, preset.fps, preset.dit.frames_per_block)
-    track = muxed_audio(inputs.wave, length.num_frames, preset.fps)
+    track = muxed_audio(inputs.wave, length.num_frames, preset.fps, opts.audio_offset_frames)
     with media.MP4Writer(save_file, width=inputs.width, height=inputs.height, fps=preset.fps,
                          audio=track, sample_rate=media.SAMPLE_RATE) as writer:
         try:
@@ -308,6 +309,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--enable_online_decode", action="store_true",
                    help="accepted: blocks are always decoded as they finish unless --offline_decode")
     p.add_argument("--offline_decode", action="store_true", help="decode all latents at the end (same frames)")
+    p.add_argument("--audio_offset_frames", type=int, default=3,
+                   help="frames into the speech where the muxed audio starts: 3 keeps frames and audio in "
+                        "sync (default); 0 muxes like the official scripts")
     p.add_argument("--convert_model_dtype", action="store_true", help="accepted; weights load in bf16")
     p.add_argument("--load_lora", action="store_true", help="accepted; the LoRA is merged when a path is given")
     p.add_argument("--training_config", default=None, help="accepted; LoRA rank 128 / alpha 64 are built in")

@@ -50,6 +50,9 @@ class GenerationOptions:
     sample_steps: int = 4
     online_decode: bool = True  # decode each block as soon as it is denoised
     sink_refresh: bool = True  # re-prefill the sink at clip 1 with the first generated latent
+    # Video frames into the speech where the muxed audio starts: DROP_FIRST_FRAMES keeps each frame
+    # with the audio it was generated from; 0 reproduces the official muxing (video 0.12 s early).
+    audio_offset_frames: int = DROP_FIRST_FRAMES
 
 
 @dataclass
@@ -83,6 +86,8 @@ def check_options(opts: GenerationOptions) -> None:
         raise UserError(f"--infer_frames {opts.infer_frames} is not a positive multiple of 12; use 48")
     if opts.num_clip is not None and opts.num_clip <= 0:
         raise UserError(f"--num_clip {opts.num_clip} must be at least 1 (or omit it to follow the audio)")
+    if not 0 <= opts.audio_offset_frames <= DROP_FIRST_FRAMES:
+        raise UserError(f"--audio_offset_frames {opts.audio_offset_frames} must be between 0 and {DROP_FIRST_FRAMES}")
     if opts.sample_steps <= 0:
         raise UserError(f"--sample_steps {opts.sample_steps} must be at least 1; the distilled model uses 4")
 
@@ -109,12 +114,13 @@ def stream_length(num_samples: int, opts: GenerationOptions, fps: int = 25, fram
     return StreamLength(clips, blocks, frames)
 
 
-def muxed_audio(wave: np.ndarray, num_frames: int, fps: int = 25) -> np.ndarray:
-    """The audio that plays with output frames [0, num_frames): starts DROP_FIRST_FRAMES frames in,
-    zero-padded to the video length."""
+def muxed_audio(wave: np.ndarray, num_frames: int, fps: int = 25, offset_frames: int = DROP_FIRST_FRAMES
+                ) -> np.ndarray:
+    """The audio that plays with output frames [0, num_frames): starts `offset_frames` frames into the
+    speech, zero-padded to the video length."""
     sr = media.SAMPLE_RATE
-    a0 = DROP_FIRST_FRAMES * sr // fps
-    a1 = (DROP_FIRST_FRAMES + num_frames) * sr // fps
+    a0 = offset_frames * sr // fps
+    a1 = (offset_frames + num_frames) * sr // fps
     out = np.zeros(a1 - a0, np.float32)
     seg = wave[a0:a1]
     out[: len(seg)] = seg
@@ -367,7 +373,7 @@ class Session:
     def audio(self) -> np.ndarray:
         """The whole muxed track (16 kHz mono) for the output video."""
         if self._audio is None:
-            self._audio = muxed_audio(self.wave, self.num_frames, self.pipe.preset.fps)
+            self._audio = muxed_audio(self.wave, self.num_frames, self.pipe.preset.fps, self.opts.audio_offset_frames)
         return self._audio
 
     def __iter__(self) -> Iterator[Chunk]:

@@ -64,6 +64,9 @@ def test_frame_count_is_48n_minus_3_and_chunks_carry_their_audio(pipe, inputs):
     n = min(len(wave) - 3 * 640, len(audio))
     assert np.allclose(audio[:n], wave[3 * 640 : 3 * 640 + n], atol=1e-6)
     assert np.all(audio[n:] == 0)
+    official = pipe.session(inputs[0], inputs[1], "a person talking",
+                            GenerationOptions(size=SIZE, num_clip=2, seed=1, audio_offset_frames=0))
+    assert np.allclose(official.audio[: len(wave)], wave[: len(official.audio)], atol=1e-6)
 
 
 def test_default_length_follows_the_audio(pipe, inputs):
