@@ -291,8 +291,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--image", default=None, help="reference image (default: the bundled example face)")
     p.add_argument("--audio", default=None, help="speech: WAV/FLAC/OGG/MP3/M4A (default: the bundled example)")
     p.add_argument("--size", default="704*384", help="area cap H*W; the image aspect is kept (default 704*384)")
-    p.add_argument("--num_clip", type=int, default=None, help="clips of --infer_frames frames (default: follow "
-                   "the audio)")
+    p.add_argument("--num_clip", type=int, default=None, help="at most this many clips of --infer_frames frames "
+                   "(default: as many as the audio needs; the official scripts' 10000 means the whole audio)")
     p.add_argument("--infer_frames", type=int, default=48, help="frames per clip, a multiple of 12 (default 48)")
     p.add_argument("--sample_steps", type=int, default=4)
     p.add_argument("--sample_guide_scale", type=float, default=0.0)

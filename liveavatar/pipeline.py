@@ -45,7 +45,7 @@ VAE_WARMUP_LATENTS = 7  # motion latents decoded (and discarded) to prime the st
 class GenerationOptions:
     size: int = 704 * 384  # area cap in pixels; the output keeps the image aspect, sides multiple of 64
     infer_frames: int = 48  # video frames per clip (multiple of 12)
-    num_clip: int | None = None  # None: as many clips as the audio needs, trimmed to its length
+    num_clip: int | None = None  # at most this many clips (None: as many as the audio needs, trimmed to it)
     seed: int = 42
     sample_steps: int = 4
     online_decode: bool = True  # decode each block as soon as it is denoised
@@ -102,13 +102,16 @@ class StreamLength:
 def stream_length(num_samples: int, opts: GenerationOptions, fps: int = 25, frames_per_block: int = 3) -> StreamLength:
     """Clips, blocks and output frames for an audio of `num_samples` at 16 kHz.
 
-    With `num_clip` N: 48·N − 3 frames (the official count). Otherwise as many clips as the audio needs
-    and the video trimmed to the audio (the first 3 generated frames are dropped)."""
+    As many clips as the audio needs, the video trimmed to the audio (the first 3 generated frames
+    are dropped). `num_clip` N caps that, as in the official scripts (whose `--num_clip 10000` means
+    "the whole audio"): when the audio needs more than N clips, exactly 48·N − 3 frames."""
     f = opts.infer_frames
     audio_frames = math.ceil(num_samples * fps / media.SAMPLE_RATE)
-    clips = opts.num_clip or max(1, math.ceil(audio_frames / f))
-    total = clips * f - DROP_FIRST_FRAMES
-    frames = total if opts.num_clip else min(total, max(1, audio_frames - DROP_FIRST_FRAMES))
+    needed = max(1, math.ceil(audio_frames / f))
+    if opts.num_clip is not None and opts.num_clip < needed:
+        clips, frames = opts.num_clip, opts.num_clip * f - DROP_FIRST_FRAMES
+    else:
+        clips, frames = needed, max(1, min(needed * f, audio_frames) - DROP_FIRST_FRAMES)
     per_block = 4 * frames_per_block
     blocks = min(clips * f // per_block, math.ceil((frames + DROP_FIRST_FRAMES) / per_block))
     return StreamLength(clips, blocks, frames)

@@ -37,6 +37,7 @@ def files(tmp_path_factory):
         "dir": d,
         "image": str(d / "face.png"),
         "audio": _wav(d / "speech.wav", 1.0),
+        "long": _wav(d / "long.wav", 8.0),
         "silent": str(_silent(d / "silent.wav")),
         "small": str(d / "small.png"),
         "notimage": str(d / "notimage.png"),
@@ -75,8 +76,13 @@ def test_generate_writes_mp4_with_video_and_audio_matching_the_speech(files, tmp
 
 def test_num_clip_gives_48n_minus_3_frames(files, tmp_path):
     out = tmp_path / "two.mp4"
-    assert _generate(files, out, "--num_clip", "2", "--offline_decode") == 0
-    assert _probe(out)[1] == 48 * 2 - 3
+    rc = main(["generate", "--preset", "tiny", "--image", files["image"], "--audio", files["long"], "--size", SIZE,
+               "--save_file", str(out), "--num_clip", "2", "--offline_decode"])
+    assert rc == 0 and _probe(out)[1] == 48 * 2 - 3
+    # the official scripts' --num_clip 10000 means "the whole audio"
+    whole = tmp_path / "whole.mp4"
+    assert _generate(files, whole, "--num_clip", "10000") == 0
+    assert _probe(whole)[1] == 25 - 3
 
 
 def test_silent_audio_warns_but_generates(files, tmp_path, capsys):
@@ -137,7 +143,7 @@ def test_killed_run_leaves_a_playable_partial_file(files, tmp_path):
     out = tmp_path / "killed.mp4"
     partial = tmp_path / "killed.partial.mp4"
     proc = subprocess.Popen([sys.executable, "-m", "liveavatar", "generate", "--preset", "tiny", "--image",
-                             files["image"], "--audio", files["audio"], "--size", SIZE, "--num_clip", "4",
+                             files["image"], "--audio", files["long"], "--size", SIZE, "--num_clip", "4",
                              "--save_file", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240

@@ -22,7 +22,7 @@ def inputs(tmp_path_factory):
     rng = np.random.default_rng(0)
     img = (rng.random((160, 160, 3)) * 255).astype(np.uint8)
     Image.fromarray(img).save(d / "face.png")
-    t = np.arange(int(16000 * 2.5)) / 16000
+    t = np.arange(int(16000 * 4.5)) / 16000
     wave = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 2 * t))
     sf.write(d / "speech.wav", wave.astype(np.float32), 16000)
     return str(d / "face.png"), str(d / "speech.wav")
@@ -71,9 +71,12 @@ def test_frame_count_is_48n_minus_3_and_chunks_carry_their_audio(pipe, inputs):
 
 def test_default_length_follows_the_audio(pipe, inputs):
     session, _, frames = _frames(pipe, inputs, seed=1)
-    audio_frames = int(np.ceil(2.5 * 25))
+    audio_frames = int(np.ceil(4.5 * 25))
     assert len(frames) == session.num_frames == audio_frames - DROP_FIRST_FRAMES
-    assert session.num_clips == 2  # 63 audio frames need two 48-frame clips
+    assert session.num_clips == 3  # 113 audio frames need three 48-frame clips
+    # --num_clip beyond what the audio needs (the official scripts pass 10000) follows the audio
+    capped = pipe.session(inputs[0], inputs[1], "a person talking", GenerationOptions(size=SIZE, num_clip=10000))
+    assert (capped.num_clips, capped.num_frames) == (3, audio_frames - DROP_FIRST_FRAMES)
 
 
 @pytest.mark.parametrize("seconds,clips,frames,blocks", [(1.0, 1, 22, 3), (1.92, 1, 45, 4), (1.96, 2, 46, 5),
@@ -81,8 +84,10 @@ def test_default_length_follows_the_audio(pipe, inputs):
 def test_stream_length(seconds, clips, frames, blocks):
     got = stream_length(int(seconds * 16000), GenerationOptions())
     assert (got.num_clips, got.num_frames, got.num_blocks) == (clips, frames, blocks)
-    fixed = stream_length(int(seconds * 16000), GenerationOptions(num_clip=3))
-    assert (fixed.num_clips, fixed.num_frames, fixed.num_blocks) == (3, 141, 12)
+    # --num_clip N caps the clips: exactly 48·N − 3 frames when the audio needs more
+    capped = stream_length(int(seconds * 16000), GenerationOptions(num_clip=3))
+    expected = (3, 141, 12) if clips > 3 else (clips, frames, blocks)
+    assert (capped.num_clips, capped.num_frames, capped.num_blocks) == expected
 
 
 def test_sink_is_refreshed_with_the_first_generated_latent(pipe, inputs):

@@ -19,7 +19,7 @@ def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("modes")
     rng = np.random.default_rng(2)
     Image.fromarray((rng.random((128, 128, 3)) * 255).astype(np.uint8)).save(d / "face.png")
-    t = np.arange(16000) / 16000
+    t = np.arange(16000 * 4) / 16000  # long enough for two clips: the sink refresh and ring wrap run
     sf.write(d / "speech.wav", (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 16000)
     return str(d / "face.png"), str(d / "speech.wav")
 
