@@ -196,8 +196,8 @@ def print_engine(s: dict) -> None:
             print(f"| {size} GiB{tag} | `{picks}` | {gib(p.gpus[0].peak_bytes)} | {gib(p.budget_bytes)} | "
                   f"{p.seconds_per_block:.2f} ({12 / p.seconds_per_block:.1f}) | {gib(host)} | "
                   f"{rates} |")
-    fs = (HEIGHT // 16) * (WIDTH // 16)
-    print(f"\nOne block forward (one denoising step) at {HEIGHT}x{WIDTH}: {forward_flops(PRESET, fs) / 1e12:.1f} "
+    layout = SinkLayout(HEIGHT // 8, WIDTH // 8, CFG.zip_frame_buckets)
+    print(f"\nOne block forward (one denoising step) at {HEIGHT}x{WIDTH}: {forward_flops(PRESET, layout) / 1e12:.1f} "
           f"TFLOP of matmuls; a block is {PRESET.sampler.steps} forwards and 12 video frames.")
 
 

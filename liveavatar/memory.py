@@ -152,7 +152,7 @@ def _encoder_bytes(preset: Preset) -> dict[str, int]:
 # ---- activations, derived from shapes ----------------------------------------------------------
 
 
-def block_workspace_bytes(preset: Preset, fs: int, itemsize: int = 2) -> int:
+def block_workspace_bytes(preset: Preset, layout: SinkLayout, itemsize: int = 2) -> int:
     """Peak transient bytes of one block forward (self-attention phase, the larger one).
 
     Alive at once: the residual in the compute dtype and in fp32, the modulated input, q/k/v, the roped
@@ -160,9 +160,9 @@ def block_workspace_bytes(preset: Preset, fs: int, itemsize: int = 2) -> int:
     concatenated keys and values over ring + sink, and the attention output."""
     cfg = preset.dit
     d = cfg.dim
-    lq = cfg.frames_per_block * fs
-    lk = cfg.ring_frames * fs + SinkLayout(fs_to_hw(fs)[0], fs_to_hw(fs)[1], cfg.zip_frame_buckets).num_tokens
-    ls = lk - cfg.ring_frames * fs
+    lq = cfg.frames_per_block * layout.fs
+    ls = layout.num_tokens
+    lk = cfg.ring_frames * layout.fs + ls
     text = cfg.text_len * d * itemsize * 3  # text tokens + cross-attention K and V
     return (
         lq * d * (itemsize + 4)  # residual (dtype) + fp32 residual
@@ -174,16 +174,6 @@ def block_workspace_bytes(preset: Preset, fs: int, itemsize: int = 2) -> int:
         + lq * d * itemsize  # attention output
         + text
     )
-
-
-def fs_to_hw(fs: int) -> tuple[int, int]:
-    """Latent (h, w) of a square-ish layout with fs tokens (only the token count matters here)."""
-    import math
-
-    h2 = int(math.isqrt(fs))
-    while fs % h2:
-        h2 -= 1
-    return 2 * h2, 2 * (fs // h2)
 
 
 def vae_decode_workspace_bytes(preset: Preset, height: int, width: int, itemsize: int = 2) -> int:
@@ -219,7 +209,7 @@ def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infe
         "kv.ring_caches": n_dev * ring,
         "kv.host_ring_slots": (steps - n_dev) * HostRingKVCache.device_bytes_for(preset.dit, fs, BF16),
         "kv.sink": SinkCache.bytes_for(preset.dit, layout, BF16),
-        "dit.workspace": block_workspace_bytes(preset, fs) + dequant,  # + FP8 ring read-back copies
+        "dit.workspace": block_workspace_bytes(preset, layout) + dequant,  # + FP8 ring read-back copies
         "vae.weights": enc["vae"],
         "vae.stream_state": stream_state_nbytes(preset.vae, h, w, BF16),
         "vae.decode_workspace": vae_decode_workspace_bytes(preset, height, width),
@@ -262,12 +252,11 @@ def _peak(steady: dict[str, int], setup: dict[str, int]) -> tuple[int, int, int]
     return max(steady_total, setup_total), steady_total, setup_total
 
 
-def forward_flops(preset: Preset, fs: int) -> float:
-    """Matmul FLOPs of one block forward (one denoising step) with a full ring."""
+def forward_flops(preset: Preset, layout: SinkLayout) -> float:
+    """Matmul FLOPs of one block forward (one denoising step) with a full ring, at `layout`'s latent size."""
     cfg = preset.dit
-    d, lq = cfg.dim, cfg.frames_per_block * fs
-    h, w = fs_to_hw(fs)
-    lk = cfg.ring_frames * fs + SinkLayout(h, w, cfg.zip_frame_buckets).num_tokens
+    d, lq = cfg.dim, cfg.frames_per_block * layout.fs
+    lk = cfg.ring_frames * layout.fs + layout.num_tokens
     t = cfg.text_len
     per_block = 2 * lq * d * d * 6 + 2 * t * d * d * 2 + 2 * lq * d * cfg.ffn_dim * 2 + 4 * lq * (lk + t) * d
     inject = len(cfg.audio_inject_layers) * 2 * lq * d * d * 2
@@ -279,9 +268,10 @@ def seconds_per_block(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: 
     """Estimated seconds per block (all denoising steps): compute, or host transfers where they are
     longer (they overlap compute through prefetch)."""
     steps = steps or preset.sampler.steps
-    fs = (height // 16) * (width // 16)
+    layout = SinkLayout(height // 8, width // 8, preset.dit.zip_frame_buckets)
+    fs = layout.fs
     rate = gpu.fp8_tflops if (cfg.fp8 and gpu.fp8_tflops) else gpu.tflops
-    compute = forward_flops(preset, fs) / (rate * 1e12)
+    compute = forward_flops(preset, layout) / (rate * 1e12)
     if cfg.fp8 and not gpu.fp8_tflops:
         compute *= 1.15  # dequantise-on-the-fly
     _, flat, _ = _dit_weight_bytes(preset, cfg.fp8)
