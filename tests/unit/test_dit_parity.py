@@ -28,12 +28,17 @@ def _config(fx) -> DiTConfig:
     )
 
 
-def _run(name):
+def _load(name):
+    """The fixture, its config, and our model holding the official weights (strict key match)."""
     fx = torch.load(FIX / name, weights_only=True)
     cfg = _config(fx)
     model = CausalS2VDiT(cfg)
     model.load_state_dict(fx["state_dict"], strict=True)
-    model.eval()
+    return fx, cfg, model.eval()
+
+
+def _run(name):
+    fx, cfg, model = _load(name)
     inp, meta = fx["inputs"], fx["meta"]
     h, w = meta["lat_h"], meta["lat_w"]
     layout = SinkLayout(h, w)
@@ -83,10 +88,7 @@ def test_dit_matches_official(name):
 
 def test_rsfm_distance_matters_at_wrap():
     """The rolled reference position must feed the output: a different d at F0 = 36 changes it."""
-    fx = torch.load(FIX / "official_tiny_dit.pt", weights_only=True)
-    cfg = _config(fx)
-    model = CausalS2VDiT(cfg)
-    model.load_state_dict(fx["state_dict"])
+    fx, cfg, model = _load("official_tiny_dit.pt")
     inp = fx["inputs"]
     layout = SinkLayout(8, 8)
     outs = []
@@ -102,10 +104,7 @@ def test_rsfm_distance_matters_at_wrap():
 
 def test_block_forward_past_the_official_two_hour_table():
     """Positions beyond the official 45,000-row RoPE table (about 2 h) keep working."""
-    fx = torch.load(FIX / "official_tiny_dit.pt", weights_only=True)
-    cfg = _config(fx)
-    model = CausalS2VDiT(cfg)
-    model.load_state_dict(fx["state_dict"])
+    fx, cfg, model = _load("official_tiny_dit.pt")
     inp = fx["inputs"]
     layout = SinkLayout(8, 8)
     sink = SinkCache.allocate(cfg, layout, torch.float32)

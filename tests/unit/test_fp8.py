@@ -15,21 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from tiny_dit import one_thread, run_blocks  # noqa: F401  (one_thread: autouse fixture)
 
 from liveavatar.config import S2V_14B, TINY
 from liveavatar.dit import CausalS2VDiT
 from liveavatar.fp8 import DEFAULT_SKIP, FP8Linear, apply_fp8, count_fp8, fp8_nbytes, fp8_targets
-from liveavatar.kv_cache import RingKVCache, SinkCache, SinkLayout
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are too small for intra-op threads; on a busy 2-core machine they only
-    contend (a tenfold slowdown), so this module runs single-threaded and restores the setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def e4m3_round(x: np.ndarray) -> np.ndarray:
@@ -118,24 +108,8 @@ def test_forward_scaled_mm_path_matches_float64(granularity):
 
 
 def _run(model, cfg, dtype, n_blocks=6, seed=1):
-    """Prefill + `n_blocks` block forwards (the ring wraps at F0 = 12) -> velocities [n, 1, C, 3, h, w]."""
-    g = torch.Generator().manual_seed(seed)
-    h = w = 8
-    layout = SinkLayout(h, w)
-    sink = SinkCache.allocate(cfg, layout, dtype)
-    ring = RingKVCache.allocate(cfg, layout.fs, dtype)
-    ctx = torch.randn(7, cfg.text_dim, generator=g)
-    ref = torch.randn(1, cfg.in_dim, 1, h, w, generator=g)
-    motion = torch.randn(1, cfg.in_dim, 19, h, w, generator=g)
-    vel = []
-    with torch.no_grad():
-        text = model.embed_text(ctx)
-        model.prefill_sink(ref, motion, text, sink)
-        for n in range(n_blocks):
-            z = torch.randn(1, cfg.in_dim, 3, h, w, generator=g)
-            audio = torch.randn(1, 25, cfg.audio_dim, 12, generator=g)
-            vel.append(model(z, 700.0, audio, text, ring, sink, frame_start=3 * n, d=6))
-    return torch.stack(vel).double()
+    """Velocities of prefill + `n_blocks` block forwards, in float64 for error measurements."""
+    return run_blocks(model, cfg, dtype, n_blocks, seed)[0].double()
 
 
 def _rel(a, b):

@@ -11,12 +11,12 @@ import copy
 
 import pytest
 import torch
+from tiny_dit import one_thread, run_blocks  # noqa: F401  (one_thread: autouse fixture)
 
 from liveavatar.config import S2V_14B, TINY
 from liveavatar.dit import CausalS2VDiT
 from liveavatar.errors import UserError
 from liveavatar.fp8 import apply_fp8, fp8_nbytes
-from liveavatar.kv_cache import RingKVCache, SinkCache, SinkLayout
 from liveavatar.offload import (
     apply_block_streaming,
     base_nbytes,
@@ -26,35 +26,9 @@ from liveavatar.offload import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are too small for intra-op threads; on a busy 2-core machine they only
-    contend (a tenfold slowdown), so this module runs single-threaded and restores the setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _run(model, cfg, n_blocks=6, seed=1):
     """Prefill + `n_blocks` block forwards (ring wrap at F0 = 12) -> velocities, sink, ring."""
-    g = torch.Generator().manual_seed(seed)
-    h = w = 8
-    layout = SinkLayout(h, w)
-    sink = SinkCache.allocate(cfg, layout, torch.float32)
-    ring = RingKVCache.allocate(cfg, layout.fs, torch.float32)
-    ctx = torch.randn(7, cfg.text_dim, generator=g)
-    ref = torch.randn(1, cfg.in_dim, 1, h, w, generator=g)
-    motion = torch.randn(1, cfg.in_dim, 19, h, w, generator=g)
-    vel = []
-    with torch.no_grad():
-        text = model.embed_text(ctx)
-        model.prefill_sink(ref, motion, text, sink)
-        for n in range(n_blocks):
-            z = torch.randn(1, cfg.in_dim, 3, h, w, generator=g)
-            audio = torch.randn(1, 25, cfg.audio_dim, 12, generator=g)
-            vel.append(model(z, 700.0, audio, text, ring, sink, frame_start=3 * n, d=6))
-    return torch.stack(vel), sink, ring
+    return run_blocks(model, cfg, torch.float32, n_blocks, seed)
 
 
 def _param_bytes(tensors) -> int:
