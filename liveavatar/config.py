@@ -8,7 +8,7 @@ fixtures. CLI flags map onto these fields; nothing here knows about devices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 WAN21_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -181,5 +181,5 @@ def get_preset(name: str) -> Preset:
 
 __all__ = [
     "AudioConfig", "DiTConfig", "PRESETS", "Preset", "S2V_14B", "SamplerConfig", "T5Config",
-    "TINY", "VAEConfig", "get_preset", "replace",
+    "TINY", "VAEConfig", "get_preset",
 ]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from liveavatar.config import DiTConfig
 from liveavatar.kv_cache import RingKVCache, SinkCache
-from liveavatar.rope import apply_rope, grid_factors
+from liveavatar.rope import apply_rope, grid_factors, to_device
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -330,7 +330,7 @@ class CausalS2VDiT(nn.Module):
         assert x.shape[1] == layout.num_tokens, (x.shape, layout.num_tokens)
         b = x.shape[0]
         cos, sin = layout.rope(cfg, cfg.sink_ref_pos)
-        cos, sin = cos.to(x.device), sin.to(x.device)
+        cos, sin = to_device(cos, x.device), to_device(sin, x.device)
         _, e0 = self.time_modulation(torch.zeros(b, cfg.frames_per_block, device=x.device))
         e0 = e0[1, :, :1]  # sink tokens use the t = 0 row of frame 0: [B, 1, 6, D]
         for i, block in enumerate(self.blocks):
@@ -365,7 +365,7 @@ class CausalS2VDiT(nn.Module):
         cos_q, sin_q = grid_factors(range(frame_start, frame_start + f), range(h2), range(w2), cfg.rope_split)
         n_roll = max(0, frame_start - (cfg.sink_ref_pos - d))
         cos_s, sin_s = sink.layout.rope(cfg, cfg.sink_ref_pos + n_roll)
-        cos_q, sin_q, cos_s, sin_s = (a.to(x.device) for a in (cos_q, sin_q, cos_s, sin_s))
+        cos_q, sin_q, cos_s, sin_s = (to_device(a, x.device) for a in (cos_q, sin_q, cos_s, sin_s))
 
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
         e, e0 = self.time_modulation(t[:, None].expand(b, f))

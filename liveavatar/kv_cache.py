@@ -272,7 +272,3 @@ class SinkCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-    def to(self, device, non_blocking: bool = False) -> SinkCache:
-        return SinkCache(self.k.to(device, non_blocking=non_blocking),
-                         self.v.to(device, non_blocking=non_blocking), self.layout)

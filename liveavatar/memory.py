@@ -16,7 +16,7 @@ peak and time per block, and returns the fastest that fits, with the exact `gene
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -360,5 +360,5 @@ def format_plan(p: Plan, gpu: GPUSpec) -> str:
 __all__ = [
     "format_plan",
     "GPUSpec", "Plan", "RuntimeConfig", "block_workspace_bytes", "candidates", "components", "forward_flops",
-    "plan", "predict", "replace", "seconds_per_block", "vae_decode_workspace_bytes",
+    "plan", "predict", "seconds_per_block", "vae_decode_workspace_bytes",
 ]

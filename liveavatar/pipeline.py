@@ -33,6 +33,7 @@ from liveavatar.dit import CausalS2VDiT
 from liveavatar.errors import UserError
 from liveavatar.kv_cache import FP8RingKVCache, HostRingKVCache, RingKVCache, SinkCache, SinkLayout
 from liveavatar.memory import RuntimeConfig
+from liveavatar.rope import to_device
 from liveavatar.sampler import euler_step, make_schedule
 from liveavatar.t5 import encode_text
 from liveavatar.vae import VAEStreamState
@@ -323,7 +324,7 @@ class Session:
         self.noise_gen.manual_seed(self.opts.seed + clip)
         c = self.pipe.preset.dit.in_dim
         z = torch.randn(1, c, self.latent_frames_per_clip, h, w, generator=self.noise_gen)
-        return z.to(self.pipe.device, self.pipe.dtype)
+        return to_device(z.to(self.pipe.dtype), self.pipe.device)
 
     def _prefill(self, ref_latent: torch.Tensor) -> None:
         self.pipe.dit.prefill_sink(ref_latent, self.motion_latents, self.text, self.sink)
@@ -332,7 +333,7 @@ class Session:
         """4-step denoise of block n (absolute latent frames 3n..3n+2). noise: [1, C, 3, h, w]."""
         fpb = self.pipe.preset.dit.frames_per_block
         lo, hi = self.pipe.preset.dit.rsfm_d_range
-        a = self.audio_feats[..., 4 * fpb * n: 4 * fpb * (n + 1)].to(self.pipe.device, non_blocking=True)
+        a = to_device(self.audio_feats[..., 4 * fpb * n: 4 * fpb * (n + 1)], self.pipe.device)
         z = noise
         for i, t in enumerate(self.schedule.timesteps):
             v = self.pipe.dit(z, t, a, self.text, self.rings[i], self.sink, frame_start=fpb * n,

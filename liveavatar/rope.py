@@ -13,6 +13,8 @@ difference is far below bf16 resolution.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -34,7 +36,16 @@ def _axis_factors(pos: torch.Tensor, pairs: int) -> tuple[torch.Tensor, torch.Te
 
 
 def grid_factors(t_pos, h_pos, w_pos, split: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors for the (t, h, w) grid flattened in (t, h, w) order: cos, sin [T·H·W, d/2] float32."""
+    """Factors for the (t, h, w) grid flattened in (t, h, w) order: cos, sin [T·H·W, d/2] float32.
+
+    Memoised (a block's 4 denoising steps use the same grid); the returned tensors are shared, so
+    callers must not modify them."""
+    return _grid_factors(tuple(int(p) for p in t_pos), tuple(int(p) for p in h_pos),
+                         tuple(int(p) for p in w_pos), tuple(split))
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_factors(t_pos, h_pos, w_pos, split) -> tuple[torch.Tensor, torch.Tensor]:
     t_pos, h_pos, w_pos = (torch.as_tensor(np.asarray(p), dtype=torch.int64) for p in (t_pos, h_pos, w_pos))
     ct, st = _axis_factors(t_pos, split[0])
     ch, sh = _axis_factors(h_pos, split[1])
@@ -49,6 +60,13 @@ def grid_factors(t_pos, h_pos, w_pos, split: tuple[int, int, int]) -> tuple[torc
         ], dim=-1).reshape(nt * nh * nw, -1)
 
     return cat(ct, ch, cw), cat(st, sh, sw)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> `device` without a host sync: through pinned memory, non-blocking, on CUDA."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def sample_positions(start: int, span: int, count: int) -> list[int]:

@@ -42,6 +42,7 @@ def make_schedule(cfg: SamplerConfig, steps: int | None = None) -> Schedule:
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, schedule: Schedule, i: int) -> torch.Tensor:
     """x_{i+1} = x_i + (σ_{i+1} − σ_i)·v in float32, returned in x.dtype."""
-    dt = torch.tensor(schedule.sigmas[i + 1], dtype=torch.float32) - torch.tensor(schedule.sigmas[i],
-                                                                                    dtype=torch.float32)
-    return (x.float() + dt.to(x.device) * v.float()).to(x.dtype)
+    # The float32 difference as a Python scalar: no host-to-device copy (or sync) per step.
+    dt = (torch.tensor(schedule.sigmas[i + 1], dtype=torch.float32)
+          - torch.tensor(schedule.sigmas[i], dtype=torch.float32)).item()
+    return (x.float() + dt * v.float()).to(x.dtype)
