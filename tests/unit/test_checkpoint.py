@@ -12,6 +12,7 @@ import copy
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from liveavatar import checkpoint as ck
 from liveavatar.ckpt_writer import dit_config_json, random_lora, save_dit, save_lora, write_random_checkpoint
-from liveavatar.config import S2V_14B, TINY, DiTConfig, replace
+from liveavatar.config import S2V_14B, TINY, DiTConfig
 from liveavatar.dit import CausalS2VDiT
 from liveavatar.errors import UserError
 from liveavatar.verify import inspect_preset, verify_checkpoint
