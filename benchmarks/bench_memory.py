@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from liveavatar import media
+from liveavatar import GenerationOptions, Pipeline
 from liveavatar.config import get_preset
-from liveavatar.memory import GiB, GPUSpec, RuntimeConfig, plan, predict
-from liveavatar.pipeline import GenerationOptions, Pipeline
+from liveavatar.io import media
+from liveavatar.runtime.memory import GiB, GPUSpec, RuntimeConfig, plan, predict
 
 
 def runtime_for(name: str, preset, height: int, width: int) -> tuple[RuntimeConfig, float | None]:
@@ -84,7 +84,7 @@ def main() -> None:
         raise SystemExit("CUDA is not available; run with --preset tiny --device cpu for a smoke test")
     preset = get_preset(args.preset)
     opts = GenerationOptions(size=media.parse_size(args.size), num_clip=args.num_clip)
-    from liveavatar.pipeline import Inputs
+    from liveavatar import Inputs
 
     inputs = Inputs.load(str(media.example_image_path()), str(media.example_audio_path()), opts)
     rows = [run(name, args, preset, inputs, opts) for name in args.configs.split(",")]

@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from liveavatar.config import S2V_14B, TINY  # noqa: E402
-from liveavatar.dit import CausalS2VDiT  # noqa: E402
-from liveavatar.fp8 import apply_fp8  # noqa: E402
-from liveavatar.kv_cache import RingKVCache, SinkCache, SinkLayout  # noqa: E402
-from liveavatar.offload import apply_block_streaming, base_nbytes, choose_resident_blocks, group_nbytes  # noqa: E402
+from liveavatar.models.dit import CausalS2VDiT  # noqa: E402
+from liveavatar.runtime.fp8 import apply_fp8  # noqa: E402
+from liveavatar.runtime.kv_cache import RingKVCache, SinkCache, SinkLayout  # noqa: E402
+from liveavatar.runtime.offload import apply_block_streaming, base_nbytes, choose_resident_blocks, group_nbytes  # noqa: E402
 
 GB = 1e9
 

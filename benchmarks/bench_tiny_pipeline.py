@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from liveavatar import media
-from liveavatar.pipeline import GenerationOptions, Inputs, Pipeline
-from liveavatar.t5 import encode_text
-from liveavatar.vae import VAEStreamState
+from liveavatar import GenerationOptions, Inputs, Pipeline
+from liveavatar.engine.decode import DecodeStage
+from liveavatar.io import media
+from liveavatar.models.t5 import encode_text
 
 
 def main() -> None:
@@ -40,13 +40,13 @@ def main() -> None:
         ctx = encode_text(pipe.text_encoder, pipe.tokenizer, "a person talking")
         t["encode: text (T5)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        pipe.audio_encoder.features(inputs.wave, 48)
-        t["encode: audio (wav2vec2)"] = time.perf_counter() - t0
+        pipe.audio_encoder.features(media.load_audio(media.example_audio_path()), 48)
+        t["encode: audio (wav2vec2, one pass)"] = time.perf_counter() - t0
         del ctx
 
         t0 = time.perf_counter()
         session = pipe.session(inputs, prompt="a person talking", options=opts)
-        t["encode: session setup (text + audio + VAE encode of ref and motion)"] = time.perf_counter() - t0
+        t["encode: session setup (text + VAE encode of ref and motion + sink prefill)"] = time.perf_counter() - t0
 
         dit_time = 0.0
         latents = []
@@ -58,13 +58,13 @@ def main() -> None:
             if z is None:
                 break
             latents.append(z)
-        t["DiT: sink prefill + 4 steps per block"] = dit_time
+        t["DiT: 4 steps per block (+ audio features, sink refresh)"] = dit_time
 
-        state = VAEStreamState()
+        decode = DecodeStage(pipe.vae, pipe.device)
         t0 = time.perf_counter()
-        pipe.vae.decode_stream(session.motion_latents[:, :, :7], state)
+        decode.start(session.cond.motion_latents)
         for z in latents:
-            pipe.vae.decode_stream(z, state)
+            decode(z)
         t["VAE: streaming decode (warm-up + blocks)"] = time.perf_counter() - t0
 
     frames = session.num_frames

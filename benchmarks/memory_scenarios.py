@@ -26,11 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from liveavatar.config import S2V_14B  # noqa: E402
-from liveavatar.dit import CausalS2VDiT  # noqa: E402
-from liveavatar.fp8 import apply_fp8, fp8_nbytes  # noqa: E402
-from liveavatar.kv_cache import RingKVCache, SinkCache, SinkLayout  # noqa: E402
-from liveavatar.media import target_size  # noqa: E402
-from liveavatar.memory import (  # noqa: E402
+from liveavatar.io.media import target_size  # noqa: E402
+from liveavatar.io.verify import inspect_preset  # noqa: E402
+from liveavatar.models.dit import CausalS2VDiT  # noqa: E402
+from liveavatar.models.vae import stream_state_nbytes  # noqa: E402
+from liveavatar.runtime.fp8 import apply_fp8, fp8_nbytes  # noqa: E402
+from liveavatar.runtime.kv_cache import RingKVCache, SinkCache, SinkLayout  # noqa: E402
+from liveavatar.runtime.memory import (  # noqa: E402
     CUDA_CONTEXT_BYTES,
     FRAGMENTATION,
     GiB,
@@ -39,9 +41,7 @@ from liveavatar.memory import (  # noqa: E402
     plan,
     vae_decode_workspace_bytes,
 )
-from liveavatar.offload import group_nbytes  # noqa: E402
-from liveavatar.vae import stream_state_nbytes  # noqa: E402
-from liveavatar.verify import inspect_preset  # noqa: E402
+from liveavatar.runtime.offload import group_nbytes  # noqa: E402
 
 BF16 = torch.bfloat16
 PRESET = S2V_14B

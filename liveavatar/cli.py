@@ -20,7 +20,7 @@ from liveavatar.errors import UserError
 
 
 def _cmd_check_ckpt(args: argparse.Namespace) -> int:
-    from liveavatar.verify import verify_checkpoint
+    from liveavatar.io.verify import verify_checkpoint
 
     report = verify_checkpoint(args.ckpt_dir, lora_path=args.lora_path, only=args.only, preset=args.preset)
     print(report.summary(max_problems=None if args.all_problems else 20))
@@ -28,7 +28,7 @@ def _cmd_check_ckpt(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from liveavatar.verify import format_bytes, inspect_preset
+    from liveavatar.io.verify import format_bytes, inspect_preset
 
     stats = inspect_preset(args.preset)
     if args.json:
@@ -98,7 +98,7 @@ def _check_fits(args, preset, runtime, device: str, height: int, width: int, inf
     (on CUDA, or anywhere when --gpu_memory is given). Caps the CUDA allocator at --gpu_memory."""
     import torch
 
-    from liveavatar.memory import GiB, GPUSpec, format_plan, plan, predict
+    from liveavatar.runtime.memory import GiB, GPUSpec, format_plan, plan, predict
 
     total = None
     if device.startswith("cuda"):
@@ -127,10 +127,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from liveavatar import media
     from liveavatar.config import get_preset
-    from liveavatar.pipeline import GenerationOptions, Inputs, Pipeline, muxed_audio, stream_length
+    from liveavatar.engine.pipeline import Pipeline
+    from liveavatar.engine.session import GenerationOptions, Inputs
+    from liveavatar.io import media
 
+    start = time.time()
     _refuse_unsupported(args)
     preset = get_preset(args.preset)
     if preset.name != "tiny" and not args.ckpt_dir:
@@ -139,7 +141,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     opts = GenerationOptions(
         size=media.parse_size(args.size), infer_frames=args.infer_frames, num_clip=args.num_clip, seed=seed,
         sample_steps=args.sample_steps, online_decode=not args.offline_decode,
-        audio_offset_frames=args.audio_offset_frames,
+        audio_offset_frames=args.audio_offset_frames, audio_encoding=args.audio_encoding,
+        audio_window=_audio_window(args.audio_window),
     )
     image = args.image or str(media.example_image_path())
     audio = args.audio or str(media.example_audio_path())
@@ -151,10 +154,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runtime = _runtime_from_args(args)
     table = _check_fits(args, preset, runtime, device, inputs.height, inputs.width, opts.infer_frames)
-    length = stream_length(len(inputs.wave), opts, preset.fps, preset.dit.frames_per_block)
-    track = muxed_audio(inputs.wave, length.num_frames, preset.fps, opts.audio_offset_frames)
     with media.MP4Writer(save_file, width=inputs.width, height=inputs.height, fps=preset.fps,
-                         audio=track, sample_rate=media.SAMPLE_RATE) as writer:
+                         audio=True, sample_rate=media.SAMPLE_RATE) as writer:
         try:
             t0 = time.time()
             if preset.name == "tiny":
@@ -168,25 +169,39 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             bar = tqdm(total=session.num_blocks, unit="block", file=sys.stderr, dynamic_ncols=True)
             t1 = time.time()
-            frames = 0
+            frames, first = 0, None
             for chunk in session:
-                writer.write(chunk.frames)
+                writer.write(chunk.frames, chunk.audio)
+                first = first or time.time() - start
                 frames += len(chunk.frames)
                 bar.set_postfix_str(f"{frames} frames, {frames / (time.time() - t1):.2f} fps")
                 bar.update(1)
             bar.close()
+            session.close()
         except torch.OutOfMemoryError:
             if table:
                 print(table, file=sys.stderr)
             raise UserError("the GPU ran out of memory; the table above is the plan for this configuration: "
                             "run `liveavatar plan --auto` with your GPU memory and use the flags it prints") from None
         path = writer.close()
-    print(f"saved {path} ({frames} frames, {frames / preset.fps:.2f}s) in {time.time() - t0:.1f}s")
+    print(f"saved {path} ({frames} frames, {frames / preset.fps:.2f}s) in {time.time() - t0:.1f}s "
+          f"(first frame after {first:.1f}s)")
     return 0
 
 
+def _audio_window(spec: str) -> tuple[float, float, float]:
+    """--audio_window W,L,R (seconds) -> (window, left, right)."""
+    try:
+        parts = tuple(float(x) for x in spec.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise UserError(f"--audio_window {spec!r} is not three numbers WINDOW,LEFT,RIGHT in seconds (e.g. 1,5,1)")
+    return parts
+
+
 def _runtime_from_args(args: argparse.Namespace):
-    from liveavatar.memory import RuntimeConfig
+    from liveavatar.runtime.memory import RuntimeConfig
 
     kv = args.kv_on_device
     if getattr(args, "offload_kv_cache", False) and kv is None:
@@ -210,9 +225,9 @@ def _gpus(args: argparse.Namespace) -> tuple[int, float | None]:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from liveavatar import media
     from liveavatar.config import get_preset
-    from liveavatar.memory import GPUSpec, format_plan, plan, predict
+    from liveavatar.io import media
+    from liveavatar.runtime.memory import GPUSpec, format_plan, plan, predict
 
     preset = get_preset(args.preset)
     n_gpus, gb = _gpus(args)
@@ -312,6 +327,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--audio_offset_frames", type=int, default=3,
                    help="frames into the speech where the muxed audio starts: 3 keeps frames and audio in "
                         "sync (default); 0 muxes like the official scripts")
+    p.add_argument("--audio_encoding", default="auto", choices=["auto", "one-pass", "windowed"],
+                   help="wav2vec2 encoding of the speech: one-pass (official; whole speech first), windowed "
+                        "(streaming, flat memory), or auto (one-pass up to 60 s, windowed beyond; default)")
+    p.add_argument("--audio_window", default="1,5,1",
+                   help="windowed encoding: window, left context and look-ahead in seconds (default 1,5,1)")
     p.add_argument("--convert_model_dtype", action="store_true", help="accepted; weights load in bf16")
     p.add_argument("--load_lora", action="store_true", help="accepted; the LoRA is merged when a path is given")
     p.add_argument("--training_config", default=None, help="accepted; LoRA rank 128 / alpha 64 are built in")

@@ -6,7 +6,8 @@
   (exact rational rounding, explicit linear interpolation).
 - A tiny model saved as `Wav2Vec2ForCTC` (like the real folder) loads through `from_folder` and gives
   identical features; missing folders, files or weights are `UserError`s.
-- Clip counts for several lengths, worked out by hand from the conv arithmetic; the chunked path.
+- Clip counts for several lengths, worked out by hand from the conv arithmetic; the windowed stream
+  over one window equals one pass at the fixed rate.
 """
 
 from fractions import Fraction
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from liveavatar.audio import (
+from liveavatar.config import TINY
+from liveavatar.errors import UserError
+from liveavatar.models.wav2vec2 import (
     AudioEncoder,
     bucket_features,
     conv_frames,
@@ -23,8 +26,6 @@ from liveavatar.audio import (
     num_clips_for_audio,
     resample_features,
 )
-from liveavatar.config import TINY
-from liveavatar.errors import UserError
 
 CFG = TINY.audio
 N_SAMPLES = 36800  # 2.3 s: T50 = 114, T30 = 68, 2 clips of 48 frames, frames 57.. past the audio
@@ -143,20 +144,26 @@ def test_frame_count_matches_model(enc):
     assert enc.features(_wave()).shape[-1] == num_clips_for_audio(N_SAMPLES, cfg=CFG) * 48
 
 
-def test_chunked_path(enc):
+def test_windowed_stream_over_one_window_is_one_pass_at_the_fixed_rate(enc):
+    """A window spanning the whole utterance sees what one pass sees: its features are the one-pass
+    hidden states, sampled at the exact time of each video frame (50 Hz position 2k, linear)."""
+    from liveavatar.engine.audio_features import AudioFeatures, AudioWindows
+    from liveavatar.engine.speech import SpeechStream
+
     w = _wave()
-    x = enc.normalize(w)
-    one = enc.encode(x)
-    # Windows that see the whole utterance reproduce the one-pass states (up to kernel rounding).
-    torch.testing.assert_close(enc.encode_chunked(x, window_frames=200, context_frames=0), one, rtol=0, atol=1e-5)
-    # Short windows: the conv front end and positional conv (±8 frames) are exact with 25 frames of
-    # context, so state 0 matches; attention only sees the window, so deeper states drift.
-    part = enc.encode_chunked(x, window_frames=30, context_frames=25)
-    assert part.shape == one.shape
-    torch.testing.assert_close(part[0], one[0], rtol=0, atol=1e-5)
-    assert torch.isfinite(part).all()
-    feats = enc.features(w, chunk_seconds=0.6, context_seconds=0.5)
-    assert feats.shape == (1, 25, CFG.hidden_size, 96)
+    hidden = enc.encode(enc.normalize(w))  # [25, T50, H]
+    speech = SpeechStream()
+    speech.push(w)
+    speech.end()
+    n = 40
+    stream = AudioFeatures(enc, speech, fps=25, dtype=torch.float32, mode="windowed",
+                           windows=AudioWindows(100.0, 0.0, 0.0))
+    got = stream.frames(0, n)[0]  # [25, H, n]
+    for k in range(n):
+        j = round(1.2 * k)
+        p0, frac = divmod(5 * j, 3)
+        want = hidden[:, p0] + (hidden[:, p0 + 1] - hidden[:, p0]) * (frac / 3) if frac else hidden[:, p0]
+        torch.testing.assert_close(got[:, :, k], want, rtol=0, atol=1e-5)
 
 
 def _save_ctc_folder(enc, path, drop_key=None):

@@ -20,12 +20,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from liveavatar import checkpoint as ck
-from liveavatar.ckpt_writer import dit_config_json, random_lora, save_dit, save_lora, write_random_checkpoint
 from liveavatar.config import S2V_14B, TINY, DiTConfig
-from liveavatar.dit import CausalS2VDiT
 from liveavatar.errors import UserError
-from liveavatar.verify import inspect_preset, verify_checkpoint
+from liveavatar.io import checkpoint as ck
+from liveavatar.io.ckpt_writer import dit_config_json, random_lora, save_dit, save_lora, write_random_checkpoint
+from liveavatar.io.verify import inspect_preset, verify_checkpoint
+from liveavatar.models.dit import CausalS2VDiT
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
@@ -104,8 +104,8 @@ def test_t5_and_vae_load_bit_exact(ckpt):
 
 
 def test_tokenizer_and_wav2vec2_folders_load(ckpt):
-    from liveavatar.audio import AudioEncoder
-    from liveavatar.t5 import TextTokenizer
+    from liveavatar.models.t5 import TextTokenizer
+    from liveavatar.models.wav2vec2 import AudioEncoder
 
     root, _, models = ckpt
     tok = TextTokenizer.from_folder(root / ck.TOKENIZER_DIR, text_len=6)
@@ -386,8 +386,8 @@ def test_verify_folders_and_index(ckpt, tmp_path):
     ("dit", "dit_wan_s2v_14b.json"), ("t5", "t5_umt5_xxl_encoder.json"), ("vae", "vae_wan2_1.json"),
 ])
 def test_meta_models_match_manifests(component, manifest):
-    from liveavatar.t5 import T5Encoder
-    from liveavatar.vae import WanVAE
+    from liveavatar.models.t5 import T5Encoder
+    from liveavatar.models.vae import WanVAE
 
     cls, cfg = {"dit": (CausalS2VDiT, S2V_14B.dit), "t5": (T5Encoder, S2V_14B.t5),
                 "vae": (WanVAE, S2V_14B.vae)}[component]
@@ -424,9 +424,9 @@ def test_inspect_counts_match_the_spec():
 _RSS_PROBE = r"""
 import json, sys
 import torch
-from liveavatar.checkpoint import load_dit
+from liveavatar.io.checkpoint import load_dit
 from liveavatar.config import DiTConfig, get_preset
-from liveavatar.dit import CausalS2VDiT
+from liveavatar.models.dit import CausalS2VDiT
 
 def peak_rss():
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))

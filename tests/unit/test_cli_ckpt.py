@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from liveavatar import checkpoint as ck
-from liveavatar.ckpt_writer import write_random_checkpoint
 from liveavatar.cli import main
 from liveavatar.config import TINY
-from liveavatar.verify import inspect_preset
+from liveavatar.io import checkpoint as ck
+from liveavatar.io.ckpt_writer import write_random_checkpoint
+from liveavatar.io.verify import inspect_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 

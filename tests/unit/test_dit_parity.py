@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_dit import forward, prefill
 
 from liveavatar.config import DiTConfig
-from liveavatar.dit import CausalS2VDiT
-from liveavatar.kv_cache import RingKVCache, SinkCache, SinkLayout
+from liveavatar.models.dit import CausalS2VDiT
+from liveavatar.models.layout import SinkLayout
+from liveavatar.runtime.kv_cache import RingKVCache, SinkCache
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 TOL = 1e-4
@@ -46,11 +48,11 @@ def _run(name):
     ring = RingKVCache.allocate(cfg, layout.fs, torch.float32)
     with torch.no_grad():
         text = model.embed_text(inp["context"])
-        model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)
+        prefill(model, inp["ref_latents"], inp["motion_latents"], text, sink)
         vel, ring_k0, ring_v0 = [], [], []
         for i, f0 in enumerate(meta["block_F0"]):
-            v = model(inp["z"][i : i + 1], inp["t_block"], inp["audio"][i], text, ring, sink,
-                      frame_start=f0, d=fx["d_draws"][i])
+            v = forward(model, inp["z"][i : i + 1], inp["t_block"], inp["audio"][i], text, ring, sink,
+                        frame_start=f0, d=fx["d_draws"][i])
             vel.append(v[0])
             ring_k0.append(ring.k[0, 0].clone())
             ring_v0.append(ring.v[0, 0].clone())
@@ -97,8 +99,8 @@ def test_rsfm_distance_matters_at_wrap():
         for d in (6, 4):
             sink = SinkCache.allocate(cfg, layout, torch.float32)
             ring = RingKVCache.allocate(cfg, layout.fs, torch.float32)
-            model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)
-            outs.append(model(inp["z"][4:5], inp["t_block"], inp["audio"][4], text, ring, sink, 36, d))
+            prefill(model, inp["ref_latents"], inp["motion_latents"], text, sink)
+            outs.append(forward(model, inp["z"][4:5], inp["t_block"], inp["audio"][4], text, ring, sink, 36, d))
     assert (outs[0] - outs[1]).abs().max() > 1e-4
 
 
@@ -111,7 +113,7 @@ def test_block_forward_past_the_official_two_hour_table():
     ring = RingKVCache.allocate(cfg, layout.fs, torch.float32)
     with torch.no_grad():
         text = model.embed_text(inp["context"])
-        model.prefill_sink(inp["ref_latents"], inp["motion_latents"], text, sink)
+        prefill(model, inp["ref_latents"], inp["motion_latents"], text, sink)
         for f0 in (44_991, 44_994, 44_997, 45_000, 90_000):  # the sink reference reaches F0 + 30
-            v = model(inp["z"][:1], inp["t_block"], inp["audio"][0], text, ring, sink, frame_start=f0, d=30)
+            v = forward(model, inp["z"][:1], inp["t_block"], inp["audio"][0], text, ring, sink, frame_start=f0, d=30)
             assert torch.isfinite(v).all()

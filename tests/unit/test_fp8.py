@@ -18,8 +18,8 @@ import torch.nn as nn
 from tiny_dit import one_thread, run_blocks  # noqa: F401  (one_thread: autouse fixture)
 
 from liveavatar.config import S2V_14B, TINY
-from liveavatar.dit import CausalS2VDiT
-from liveavatar.fp8 import DEFAULT_SKIP, FP8Linear, apply_fp8, count_fp8, fp8_nbytes, fp8_targets
+from liveavatar.models.dit import CausalS2VDiT
+from liveavatar.runtime.fp8 import DEFAULT_SKIP, FP8Linear, apply_fp8, count_fp8, fp8_nbytes, fp8_targets
 
 
 def e4m3_round(x: np.ndarray) -> np.ndarray:

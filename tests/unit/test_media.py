@@ -19,8 +19,8 @@ import soxr
 import torch
 from PIL import Image
 
-from liveavatar import media
 from liveavatar.errors import UserError
+from liveavatar.io import media
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -377,7 +377,7 @@ def test_mp4_writer_short_audio_and_video_only(tmp_path):
 _KILLED = textwrap.dedent("""
     import os, sys
     import numpy as np
-    from liveavatar.media import MP4Writer
+    from liveavatar.io.media import MP4Writer
     sys.path.insert(0, {tests!r})
     from test_media import _frames, _speech_like
     w = MP4Writer({path!r}, width={W}, height={H}, audio=_speech_like(3.0))

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from liveavatar.config import S2V_14B, TINY
-from liveavatar.dit import CausalS2VDiT
-from liveavatar.kv_cache import HostRingKVCache, RingKVCache, SinkCache, SinkLayout
-from liveavatar.memory import RuntimeConfig, _peak, components, forward_flops
-from liveavatar.vae import VAEStreamState, WanVAE, stream_state_nbytes
+from liveavatar.models.dit import CausalS2VDiT
+from liveavatar.models.vae import VAEStreamState, WanVAE, stream_state_nbytes
+from liveavatar.runtime.kv_cache import HostRingKVCache, RingKVCache, SinkCache, SinkLayout
+from liveavatar.runtime.memory import RuntimeConfig, _peak, components, forward_flops
 
 
 def _param_bytes(model, dtype=None):
@@ -25,7 +25,7 @@ def test_full_size_dit_weights_equal_the_meta_model():
 
 
 def test_full_size_fp8_weights_equal_apply_fp8_on_meta():
-    from liveavatar.fp8 import apply_fp8
+    from liveavatar.runtime.fp8 import apply_fp8
 
     steady, _ = components(S2V_14B, RuntimeConfig(fp8=True), 704, 384)
     with torch.device("meta"):
@@ -47,7 +47,7 @@ def test_full_size_cache_bytes_equal_the_cache_objects_on_meta():
 
 
 def test_fp8_ring_cache_bytes_and_round_trip():
-    from liveavatar.kv_cache import FP8RingKVCache
+    from liveavatar.runtime.kv_cache import FP8RingKVCache
 
     steady, _ = components(S2V_14B, RuntimeConfig(kv_on_device=2, kv_fp8=True), 704, 384)
     ring = FP8RingKVCache.allocate(S2V_14B.dit, 1056, torch.bfloat16, "meta")
@@ -65,7 +65,7 @@ def test_fp8_ring_cache_bytes_and_round_trip():
 
 def test_tiny_pipeline_objects_match_the_planner(tmp_path):
     """Allocate what a tiny session allocates (device emulated on the CPU) and compare every byte count."""
-    from liveavatar.offload import apply_block_streaming
+    from liveavatar.runtime.offload import apply_block_streaming
 
     cfg = RuntimeConfig(resident_blocks=1, kv_on_device=2)
     height = width = 128

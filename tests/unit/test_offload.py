@@ -14,10 +14,10 @@ import torch
 from tiny_dit import one_thread, run_blocks  # noqa: F401  (one_thread: autouse fixture)
 
 from liveavatar.config import S2V_14B, TINY
-from liveavatar.dit import CausalS2VDiT
 from liveavatar.errors import UserError
-from liveavatar.fp8 import apply_fp8, fp8_nbytes
-from liveavatar.offload import (
+from liveavatar.models.dit import CausalS2VDiT
+from liveavatar.runtime.fp8 import apply_fp8, fp8_nbytes
+from liveavatar.runtime.offload import (
     apply_block_streaming,
     base_nbytes,
     choose_resident_blocks,

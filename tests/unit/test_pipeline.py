@@ -6,7 +6,8 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from liveavatar.pipeline import DROP_FIRST_FRAMES, GenerationOptions, Pipeline, stream_length
+from liveavatar import GenerationOptions, Pipeline
+from liveavatar.engine.task import DROP_FIRST_FRAMES, stream_length
 
 SIZE = 128 * 128  # a 1:1 image -> 128x128 video, latent 16x16, 64 tokens per latent frame
 
@@ -37,7 +38,7 @@ def _frames(pipe, inputs, **kw):
 
 def test_same_seed_same_frames_and_other_seed_differs(pipe, inputs):
     session, _, a = _frames(pipe, inputs, num_clip=1, seed=7)
-    assert np.array_equal(np.concatenate([c.frames for c in session]), a)  # iterating again restarts the stream
+    assert session.done and list(session) == []  # a session is a stream: a finished one has nothing more
     _, _, b = _frames(pipe, inputs, num_clip=1, seed=7)
     _, _, c = _frames(pipe, inputs, num_clip=1, seed=8)
     assert a.dtype == np.uint8 and a.shape == (48 - DROP_FIRST_FRAMES, 128, 128, 3)
@@ -64,9 +65,9 @@ def test_frame_count_is_48n_minus_3_and_chunks_carry_their_audio(pipe, inputs):
     n = min(len(wave) - 3 * 640, len(audio))
     assert np.allclose(audio[:n], wave[3 * 640 : 3 * 640 + n], atol=1e-6)
     assert np.all(audio[n:] == 0)
-    official = pipe.session(inputs[0], inputs[1], "a person talking",
-                            GenerationOptions(size=SIZE, num_clip=2, seed=1, audio_offset_frames=0))
-    assert np.allclose(official.audio[: len(wave)], wave[: len(official.audio)], atol=1e-6)
+    _, official, _ = _frames(pipe, inputs, num_clip=1, seed=1, audio_offset_frames=0)
+    audio = np.concatenate([c.audio for c in official])
+    assert len(audio) == 45 * 640 and np.array_equal(audio, wave[: len(audio)])
 
 
 def test_default_length_follows_the_audio(pipe, inputs):
@@ -82,10 +83,10 @@ def test_default_length_follows_the_audio(pipe, inputs):
 @pytest.mark.parametrize("seconds,clips,frames,blocks", [(1.0, 1, 22, 3), (1.92, 1, 45, 4), (1.96, 2, 46, 5),
                                                           (10.0, 6, 247, 21)])
 def test_stream_length(seconds, clips, frames, blocks):
-    got = stream_length(int(seconds * 16000), GenerationOptions())
+    got = stream_length(int(seconds * 16000))
     assert (got.num_clips, got.num_frames, got.num_blocks) == (clips, frames, blocks)
     # --num_clip N caps the clips: exactly 48·N − 3 frames when the audio needs more
-    capped = stream_length(int(seconds * 16000), GenerationOptions(num_clip=3))
+    capped = stream_length(int(seconds * 16000), num_clip=3)
     expected = (3, 141, 12) if clips > 3 else (clips, frames, blocks)
     assert (capped.num_clips, capped.num_frames, capped.num_blocks) == expected
 
@@ -95,12 +96,14 @@ def test_sink_is_refreshed_with_the_first_generated_latent(pipe, inputs):
     session = pipe.session(inputs[0], inputs[1], "a person talking", opts)
     latents = list(session.latents())
     # After the run the sink holds the prefill of (first generated latent, motion latents).
-    from liveavatar.kv_cache import SinkCache
+    from liveavatar.engine.denoise import sink_prefill
+    from liveavatar.runtime.kv_cache import SinkCache
 
     ref = SinkCache.allocate(pipe.preset.dit, session.layout, pipe.dtype)
     with torch.no_grad():
-        pipe.dit.prefill_sink(latents[0][:, :, :1], session.motion_latents, session.text, ref)
-    assert torch.equal(ref.k, session.sink.k)
+        pipe.dit.prefill_sink(latents[0][:, :, :1], session.cond.motion_latents, session.cond.text,
+                              sink_prefill(pipe.preset.dit, ref, "cpu"))
+    assert torch.equal(ref.k, session.denoise[0].sink.k)
     # Without the refresh the second clip differs.
     plain = pipe.session(inputs[0], inputs[1], "a person talking",
                          GenerationOptions(size=SIZE, num_clip=2, seed=5, sink_refresh=False))

@@ -20,7 +20,7 @@ RING = 40 * 12 * 1056 * 2 * 5120 * 2  # one step's ring at 704x384: 40 layers, 1
 SINK = 40 * 2640 * 2 * 5120 * 2  # sink at 704x384: 1056 ref + 1056 + 264 + 264 motion tokens
 RING_FP8 = 40 * 12 * 1056 * 2 * 5120 + 40 * 12 * 1056 * 2 * 40 * 4  # FP8 K+V plus one fp32 scale per token/head
 HOST_SLOTS = 2 * RING // 40  # a host-staged ring keeps two layers on the GPU
-TRANSIENT = ("dit.workspace", "vae.decode_workspace")  # never alive at once
+TRANSIENT = ("dit.workspace", "vae.decode_workspace", "audio_encoder.windowed")  # never alive at once
 NOT_RESIDENT = ("setup.encoders", "cuda_context")
 
 

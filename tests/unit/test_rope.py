@@ -5,7 +5,7 @@ import warnings
 import torch
 
 from liveavatar.config import DiTConfig
-from liveavatar.rope import _axis_factors, apply_rope, grid_factors
+from liveavatar.models.rope import _axis_factors, apply_rope, grid_factors
 
 
 def _official_table(rows: int, pairs: int) -> torch.Tensor:

@@ -7,9 +7,10 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from liveavatar.kv_cache import HostRingKVCache
-from liveavatar.memory import RuntimeConfig
-from liveavatar.pipeline import GenerationOptions, Pipeline
+from liveavatar.engine.pipeline import Pipeline
+from liveavatar.engine.session import GenerationOptions
+from liveavatar.runtime.kv_cache import HostRingKVCache
+from liveavatar.runtime.memory import RuntimeConfig
 
 OPTS = GenerationOptions(size=128 * 128, num_clip=2, seed=11)
 
@@ -22,6 +23,10 @@ def inputs(tmp_path_factory):
     t = np.arange(16000 * 4) / 16000  # long enough for two clips: the sink refresh and ring wrap run
     sf.write(d / "speech.wav", (0.3 * np.sin(2 * np.pi * 150 * t)).astype(np.float32), 16000)
     return str(d / "face.png"), str(d / "speech.wav")
+
+
+def _rings(session):
+    return [ring for stage in session.denoise for ring in stage.rings.values()]
 
 
 def _latents(inputs, runtime):
@@ -42,7 +47,7 @@ def resident(inputs):
 ], ids=["stream-all", "stream-half+kv-host", "kv-host+t5-cpu"])
 def test_streaming_and_kv_placement_are_bit_identical(inputs, resident, runtime):
     session, z = _latents(inputs, runtime)
-    n_host = sum(isinstance(r, HostRingKVCache) for r in session.rings)
+    n_host = sum(isinstance(r, HostRingKVCache) for r in _rings(session))
     assert n_host == (0 if runtime.kv_on_device is None else 4 - runtime.kv_on_device)
     assert (session.pipe.streamer is not None) == (runtime.resident_blocks is not None)
     assert torch.equal(z, resident)
@@ -55,10 +60,10 @@ def test_fp8_weights_stay_within_fp8_tolerance(inputs, resident):
 
 
 def test_fp8_kv_cache_stays_within_fp8_tolerance(inputs, resident):
-    from liveavatar.kv_cache import FP8RingKVCache
+    from liveavatar.runtime.kv_cache import FP8RingKVCache
 
     session, z = _latents(inputs, RuntimeConfig(kv_fp8=True, kv_on_device=3))
-    assert [type(r) for r in session.rings] == [FP8RingKVCache] * 3 + [HostRingKVCache]
+    assert [type(r) for r in _rings(session)] == [FP8RingKVCache] * 3 + [HostRingKVCache]
     rel = ((z - resident).norm() / resident.norm()).item()
     assert 0 < rel < 0.05, rel
 

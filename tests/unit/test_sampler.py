@@ -3,7 +3,7 @@
 import torch
 
 from liveavatar.config import SamplerConfig
-from liveavatar.sampler import euler_step, make_schedule
+from liveavatar.engine.sampler import euler_step, make_schedule
 
 
 def test_four_step_schedule_matches_official_values():

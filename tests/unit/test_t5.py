@@ -17,7 +17,7 @@ import torch
 
 from liveavatar.config import TINY, T5Config
 from liveavatar.errors import UserError
-from liveavatar.t5 import T5Encoder, TextTokenizer, clean_prompt, encode_text, relative_position_bucket
+from liveavatar.models.t5 import T5Encoder, TextTokenizer, clean_prompt, encode_text, relative_position_bucket
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 PARITY_TOL = 1e-5

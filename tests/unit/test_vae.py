@@ -14,7 +14,7 @@ import torch
 
 from liveavatar.config import VAEConfig
 from liveavatar.errors import UserError
-from liveavatar.vae import VAEStreamState, WanVAE, stream_state_nbytes
+from liveavatar.models.vae import VAEStreamState, WanVAE, stream_state_nbytes
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 TOL = 1e-4

@@ -1,9 +1,12 @@
-"""Shared test helper: drive a DiT through a sink prefill and a run of streaming block forwards."""
+"""Shared test helpers: drive a DiT through a sink prefill and streaming block forwards, with the
+attention contexts the denoise stage builds."""
 
 import pytest
 import torch
 
-from liveavatar.kv_cache import RingKVCache, SinkCache, SinkLayout
+from liveavatar.engine.denoise import block_attention, sink_prefill
+from liveavatar.models.layout import SinkLayout
+from liveavatar.runtime.kv_cache import RingKVCache, SinkCache
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -15,6 +18,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def prefill(model, ref, motion, text, sink):
+    """The sink prefill of `model` into `sink` (ref: [1, C, 1, h, w], motion: [1, C, T, h, w])."""
+    model.prefill_sink(ref, motion, text, sink_prefill(model.cfg, sink, sink.k.device))
+
+
+def forward(model, z, t, audio, text, ring, sink, frame_start, d):
+    """One block forward at latent frame `frame_start` with rolling-sink distance d -> velocity."""
+    ctx = block_attention(model.cfg, ring, sink, frame_start, d, z.shape[2], sink.k.device)
+    return model(z, t, audio, text, ctx)
 
 
 def run_blocks(model, cfg, dtype=torch.float32, n_blocks=6, seed=1):
@@ -31,9 +45,9 @@ def run_blocks(model, cfg, dtype=torch.float32, n_blocks=6, seed=1):
     vel = []
     with torch.no_grad():
         text = model.embed_text(ctx)
-        model.prefill_sink(ref, motion, text, sink)
+        prefill(model, ref, motion, text, sink)
         for n in range(n_blocks):
             z = torch.randn(1, cfg.in_dim, 3, h, w, generator=g)
             audio = torch.randn(1, 25, cfg.audio_dim, 12, generator=g)
-            vel.append(model(z, 700.0, audio, text, ring, sink, frame_start=3 * n, d=6))
+            vel.append(forward(model, z, 700.0, audio, text, ring, sink, frame_start=3 * n, d=6))
     return torch.stack(vel), sink, ring

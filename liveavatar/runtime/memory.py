@@ -2,7 +2,7 @@
 
 Every number comes from the objects and shapes the runtime itself allocates, not from a separate
 guess: DiT weights per streaming group and dtype from the model built on `meta` (with `apply_fp8`
-applied on meta for FP8), the block-streaming slots from `liveavatar.offload`, ring and sink KV
+applied on meta for FP8), the block-streaming slots from `liveavatar.runtime.offload`, ring and sink KV
 caches from `RingKVCache.bytes_for` / `SinkCache.bytes_for`, the streaming VAE state from
 `stream_state_nbytes`, and the encoders' weights from the models built on meta. Activation
 workspaces are derived from shapes (`block_workspace_bytes`, `vae_decode_workspace_bytes`): the
@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from liveavatar.config import Preset
-from liveavatar.kv_cache import FP8RingKVCache, HostRingKVCache, RingKVCache, SinkCache, SinkLayout
+from liveavatar.models.layout import SinkLayout
+from liveavatar.runtime.kv_cache import FP8RingKVCache, HostRingKVCache, RingKVCache, SinkCache
 
 GiB = 2**30
 GB = 10**9
@@ -117,13 +118,13 @@ class Plan:
 def _dit_weight_bytes(preset: Preset, fp8: bool) -> tuple[tuple[int, ...], tuple[int, ...], int]:
     """Per streaming group: (tensor bytes when resident, flat-buffer bytes when streamed), and the
     bytes outside the groups, for the DiT in bf16 or FP8 (built on meta)."""
-    from liveavatar.dit import CausalS2VDiT
-    from liveavatar.offload import base_nbytes, group_nbytes, stream_groups
+    from liveavatar.models.dit import CausalS2VDiT
+    from liveavatar.runtime.offload import base_nbytes, group_nbytes, stream_groups
 
     with torch.device("meta"):
         model = CausalS2VDiT(preset.dit).to(BF16)
     if fp8:
-        from liveavatar.fp8 import apply_fp8
+        from liveavatar.runtime.fp8 import apply_fp8
 
         apply_fp8(model)
 
@@ -139,14 +140,9 @@ def _dit_weight_bytes(preset: Preset, fp8: bool) -> tuple[tuple[int, ...], tuple
 
 @functools.lru_cache(maxsize=8)
 def _encoder_bytes(preset: Preset) -> dict[str, int]:
-    from liveavatar.verify import inspect_preset
+    from liveavatar.models.sizes import encoder_elements
 
-    stats = {s.name: s for s in inspect_preset(preset.name)}
-    return {
-        "t5": stats["t5"].bytes_as(BF16),
-        "vae": stats["vae"].bytes_as(BF16),
-        "wav2vec2": stats["audio"].bytes_as(BF16),
-    }
+    return {name: n * BF16.itemsize for name, n in encoder_elements(preset).items()}
 
 
 # ---- activations, derived from shapes ----------------------------------------------------------
@@ -186,10 +182,20 @@ def vae_decode_workspace_bytes(preset: Preset, height: int, width: int, itemsize
 # ---- the memory table of one configuration -----------------------------------------------------
 
 
+def audio_window_workspace_bytes(preset: Preset, span_seconds: float = 7.0) -> int:
+    """Transient bytes of one windowed wav2vec2 call over `span_seconds` of audio (window + contexts):
+    the stacked hidden states it returns plus the attention and feed-forward activations of a layer."""
+    a = preset.audio
+    frames = int(span_seconds * a.feature_rate)
+    states = (a.num_hidden_layers + 1) * frames * a.hidden_size
+    layer = frames * (4 * a.hidden_size + a.intermediate_size) + a.num_attention_heads * frames * frames
+    return 2 * (states + layer)
+
+
 def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infer_frames: int = 48,
                steps: int | None = None) -> tuple[dict[str, int], dict[str, int]]:
     """(steady-state components, setup-only components) in bytes on the GPU for one configuration."""
-    from liveavatar.vae import stream_state_nbytes
+    from liveavatar.models.vae import stream_state_nbytes
 
     steps = steps or preset.sampler.steps
     h, w = height // 8, width // 8
@@ -215,6 +221,8 @@ def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infe
         "vae.decode_workspace": vae_decode_workspace_bytes(preset, height, width),
         "text_encoder": 0 if (cfg.offload_model or cfg.t5_cpu) else enc["t5"],
         "audio_encoder": 0 if cfg.offload_model else enc["wav2vec2"],
+        # Windowed speech encoding runs between blocks: the encoder comes in when offloaded.
+        "audio_encoder.windowed": audio_window_workspace_bytes(preset) + (enc["wav2vec2"] if cfg.offload_model else 0),
     }
     setup = {
         "text_encoder": 0 if cfg.t5_cpu or not cfg.offload_model else enc["t5"],
@@ -243,11 +251,12 @@ def host_components(preset: Preset, cfg: RuntimeConfig, height: int, width: int,
 def _peak(steady: dict[str, int], setup: dict[str, int]) -> tuple[int, int, int]:
     """(peak, steady, setup) totals. The DiT and VAE workspaces are never alive at once; the encoders
     run during setup, before the KV caches exist."""
-    transient = max(steady["dit.workspace"], steady["vae.decode_workspace"])
-    base = sum(v for k, v in steady.items() if k not in ("dit.workspace", "vae.decode_workspace"))
+    transients = ("dit.workspace", "vae.decode_workspace", "audio_encoder.windowed")
+    transient = max(steady[k] for k in transients)
+    base = sum(v for k, v in steady.items() if k not in transients)
     steady_total = base + transient
     weights = sum(v for k, v in steady.items() if k.startswith(("dit.weights", "dit.stream", "vae.weights",
-                                                                 "text_encoder", "audio_encoder")))
+                                                                 "text_encoder")) or k == "audio_encoder")
     setup_total = weights + max(setup.values(), default=0)
     return max(steady_total, setup_total), steady_total, setup_total
 

@@ -2,7 +2,7 @@
 
 `verify_checkpoint` checks a `Wan2.2-S2V-14B/` folder (and the Live Avatar LoRA) component by
 component from file headers, the safetensors index and the `.pth` zip directories alone, without
-reading any weight, against the same meta-built models the loaders of `liveavatar.checkpoint` use:
+reading any weight, against the same meta-built models the loaders of `liveavatar.io.checkpoint` use:
 missing, unexpected or misshapen tensors, missing or truncated shards, configs that describe another
 model, and non-official dtypes (noted, not failed). The result is a `Report` of `ComponentReport`s
 that prints as one screen. `inspect_preset` reports tensors, parameters and byte sizes of every
@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from liveavatar.checkpoint import (
+from liveavatar.config import AudioConfig, Preset, get_preset
+from liveavatar.errors import UserError
+from liveavatar.io.checkpoint import (
     _LORA_KEY,
     _W2V_HEADS,
     _W2V_WEIGHTS,
@@ -29,16 +31,13 @@ from liveavatar.checkpoint import (
     DIT_SHARD_RE,
     FILE_DTYPES,
     TensorMeta,
-    _build_on_meta,
     _compare,
     _dit_headers,
     _dit_layout,
     _dtype_name,
-    _expected_shapes,
     _file_metas,
     _lora_problems,
     _w2v_key,
-    _w2v_model_on_meta,
     ckpt_paths,
     expected_lora_tensors,
     lora_key,
@@ -46,8 +45,7 @@ from liveavatar.checkpoint import (
     read_pth_metadata,
     resolve_lora_path,
 )
-from liveavatar.config import AudioConfig, Preset, get_preset
-from liveavatar.errors import UserError
+from liveavatar.models.sizes import on_meta, state_shapes, wav2vec2_on_meta
 
 # ---------------------------------------------------------------------------------------------
 # Verification from headers
@@ -137,7 +135,7 @@ def format_bytes(n: int) -> str:
 
 
 def _check_dit(root: Path, preset: Preset, rep: ComponentReport) -> None:
-    from liveavatar.dit import CausalS2VDiT
+    from liveavatar.models.dit import CausalS2VDiT
 
     config_ok = True
     try:
@@ -157,7 +155,7 @@ def _check_dit(root: Path, preset: Preset, rep: ComponentReport) -> None:
     if not config_ok:
         rep.notes.append("tensors not compared: config.json describes another model than the preset")
         return
-    expected = _expected_shapes(_build_on_meta(CausalS2VDiT, preset.dit))
+    expected = state_shapes(on_meta(CausalS2VDiT, preset.dit))
     # tensors of a missing or unreadable shard are reported with the shard, not one by one
     unknown = {k for p in lost for k in shards[p]}
     rep.problems += _compare({k: s for k, s in expected.items() if k not in unknown}, metas)
@@ -177,14 +175,14 @@ def _check_pth(path: Path, model: nn.Module, kind: str, rep: ComponentReport) ->
         rep.problems.append(str(exc))
         return
     rep.count(metas)
-    rep.problems += _compare(_expected_shapes(model), metas)
+    rep.problems += _compare(state_shapes(model), metas)
     problems, notes = _dtype_notes(metas, FILE_DTYPES[kind], path.name)
     rep.problems += problems
     rep.notes += notes
 
 
 def _check_lora(path: str | Path, preset: Preset, rep: ComponentReport) -> None:
-    from liveavatar.dit import CausalS2VDiT
+    from liveavatar.models.dit import CausalS2VDiT
 
     try:
         p = resolve_lora_path(path)
@@ -203,7 +201,7 @@ def _check_lora(path: str | Path, preset: Preset, rep: ComponentReport) -> None:
             found[lora_key(mm["module"], mm["ab"])] = m
     rep.problems += [f"tensor {k} is not a peft LoRA weight (<module>.lora_A/B[.default].weight)"
                      for k in foreign]
-    model = _build_on_meta(CausalS2VDiT, preset.dit)
+    model = on_meta(CausalS2VDiT, preset.dit)
     rep.problems += _lora_problems(found, model, preset.lora_rank, preset.lora_targets)
     problems, notes = _dtype_notes(raw, FILE_DTYPES["lora"], "the LoRA")
     rep.problems += problems
@@ -229,7 +227,7 @@ def _check_audio(folder: Path, cfg: AudioConfig, rep: ComponentReport) -> None:
         rep.files.append("config.json")
         try:
             raw = json.loads(conf.read_text())
-            from liveavatar.audio import wav2vec2_config
+            from liveavatar.models.wav2vec2 import wav2vec2_config
 
             want = wav2vec2_config(cfg).to_dict()
             for name in _W2V_CONFIG_FIELDS:
@@ -251,7 +249,7 @@ def _check_audio(folder: Path, cfg: AudioConfig, rep: ComponentReport) -> None:
         return
     metas = {_w2v_key(k): m for k, m in raw_metas.items() if not k.startswith(_W2V_HEADS)}
     metas.pop("masked_spec_embed", None)  # only used for training-time masking; optional in checkpoints
-    expected = _expected_shapes(_w2v_model_on_meta(cfg))
+    expected = state_shapes(wav2vec2_on_meta(cfg))
     expected.pop("masked_spec_embed", None)
     rep.count(metas)
     if len(rep.problems) > config_problems:
@@ -277,7 +275,7 @@ def _check_tokenizer(folder: Path, preset: Preset, rep: ComponentReport) -> None
     if not {"tokenizer.json", "spiece.model"} & set(present):
         rep.problems.append(f"{folder} holds neither tokenizer.json nor spiece.model")
         return
-    from liveavatar.t5 import TextTokenizer
+    from liveavatar.models.t5 import TextTokenizer
 
     try:
         tok = TextTokenizer.from_folder(folder, text_len=preset.t5.text_len)
@@ -319,13 +317,13 @@ def verify_checkpoint(ckpt_dir: str | Path, lora_path: str | Path | None = None,
             else:
                 _check_lora(lora_path, preset, rep)
         elif name == "t5":
-            from liveavatar.t5 import T5Encoder
+            from liveavatar.models.t5 import T5Encoder
 
-            _check_pth(paths.t5, _build_on_meta(T5Encoder, preset.t5), "t5", rep)
+            _check_pth(paths.t5, on_meta(T5Encoder, preset.t5), "t5", rep)
         elif name == "vae":
-            from liveavatar.vae import WanVAE
+            from liveavatar.models.vae import WanVAE
 
-            _check_pth(paths.vae, _build_on_meta(WanVAE, preset.vae), "vae", rep)
+            _check_pth(paths.vae, on_meta(WanVAE, preset.vae), "vae", rep)
         elif name == "audio":
             _check_audio(paths.audio, preset.audio, rep)
         else:
@@ -388,18 +386,18 @@ def _stats(name: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
 
 def inspect_preset(preset: Preset | str = "s2v-14b") -> list[PartStats]:
     """Tensors, parameters and sizes of every component of `preset`, from the models built on meta."""
-    from liveavatar.dit import CausalS2VDiT
-    from liveavatar.t5 import T5Encoder
-    from liveavatar.vae import WanVAE
+    from liveavatar.models.dit import CausalS2VDiT
+    from liveavatar.models.t5 import T5Encoder
+    from liveavatar.models.vae import WanVAE
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    dit = _build_on_meta(CausalS2VDiT, preset.dit)
-    out = _stats("dit", _expected_shapes(dit), FILE_DTYPES["dit"], _DIT_PARTS)
+    dit = on_meta(CausalS2VDiT, preset.dit)
+    out = _stats("dit", state_shapes(dit), FILE_DTYPES["dit"], _DIT_PARTS)
     lora = expected_lora_tensors(dit, preset.lora_rank, preset.lora_targets)
     out += _stats("lora", lora, FILE_DTYPES["lora"])
-    out += _stats("t5", _expected_shapes(_build_on_meta(T5Encoder, preset.t5)), FILE_DTYPES["t5"])
-    out += _stats("vae", _expected_shapes(_build_on_meta(WanVAE, preset.vae)), FILE_DTYPES["vae"], _VAE_PARTS)
-    out += _stats("audio", _expected_shapes(_w2v_model_on_meta(preset.audio)), FILE_DTYPES["audio"])
+    out += _stats("t5", state_shapes(on_meta(T5Encoder, preset.t5)), FILE_DTYPES["t5"])
+    out += _stats("vae", state_shapes(on_meta(WanVAE, preset.vae)), FILE_DTYPES["vae"], _VAE_PARTS)
+    out += _stats("audio", state_shapes(wav2vec2_on_meta(preset.audio)), FILE_DTYPES["audio"])
     return out
 
 

@@ -8,8 +8,8 @@ is one peft safetensors file. Models are built on the meta device and filled ten
 memory never holds a second copy of the weights. Module names equal checkpoint keys, so the only key
 mappings are the LoRA's peft naming and wav2vec2's prefix and weight-norm names. File headers
 (safetensors header, `.pth` zip directory) are read here too, so that every file is checked against
-the meta-built model before any weight is read; `liveavatar.verify` reuses them for the header-only
-checks and `liveavatar.ckpt_writer` writes files in these formats.
+the meta-built model before any weight is read; `liveavatar.io.verify` reuses them for the header-only
+checks and `liveavatar.io.ckpt_writer` writes files in these formats.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from liveavatar.config import AudioConfig, DiTConfig, T5Config, VAEConfig
+from liveavatar.config import DiTConfig, T5Config, VAEConfig
 from liveavatar.errors import UserError
+from liveavatar.models.sizes import on_meta, state_shapes
 
 # ---------------------------------------------------------------------------------------------
 # Layout of the official folders
@@ -139,10 +140,6 @@ def _summarize(problems: Sequence[str]) -> str:
     head = "; ".join(problems[:_SHOW])
     more = f"; and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
     return f"{len(problems)} problem(s): {head}{more}"
-
-
-def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,11 +318,6 @@ def _dit_headers(shards: dict[Path, list[str] | None]
 # Loading
 
 
-def _build_on_meta(cls, cfg):
-    with torch.device("meta"):
-        return cls(cfg)
-
-
 def _place(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
@@ -378,7 +370,7 @@ def load_dit(ckpt_dir: str | Path, cfg: DiTConfig, dtype: torch.dtype, device: t
 
     config.json, the index, every shard header and the LoRA are checked against the model built on
     meta before any weight is read. On the CPU with the file dtype the weights stay memory-mapped."""
-    from liveavatar.dit import CausalS2VDiT
+    from liveavatar.models.dit import CausalS2VDiT
 
     root = ckpt_paths(ckpt_dir).root
     cfg = read_dit_config(root, cfg)
@@ -386,8 +378,8 @@ def load_dit(ckpt_dir: str | Path, cfg: DiTConfig, dtype: torch.dtype, device: t
     if problems:
         raise UserError(f"DiT weights in {root} are incomplete: {_summarize(problems)}")
     metas, where, problems, _ = _dit_headers(shards)
-    model = _build_on_meta(CausalS2VDiT, cfg)
-    problems += _compare(_expected_shapes(model), metas)
+    model = on_meta(CausalS2VDiT, cfg)
+    problems += _compare(state_shapes(model), metas)
     if problems:
         raise UserError(f"DiT weights in {root} do not match the model: {_summarize(problems)}; "
                         f"check --ckpt_dir and --preset")
@@ -412,7 +404,7 @@ def _load_pth(path: Path, model: nn.Module, dtype: torch.dtype, device: torch.de
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist; check --ckpt_dir")
     metas = read_pth_metadata(path)
-    problems = _compare(_expected_shapes(model), metas)
+    problems = _compare(state_shapes(model), metas)
     if problems:
         raise UserError(f"{what} file {path} does not match the model: {_summarize(problems)}; "
                         f"check --ckpt_dir and --preset")
@@ -430,16 +422,16 @@ def _file_in(path: str | Path, name: str) -> Path:
 
 def load_t5(path: str | Path, cfg: T5Config, dtype: torch.dtype, device: torch.device | str = "cpu"):
     """umT5 encoder from `models_t5_umt5-xxl-enc-bf16.pth` (or the checkpoint folder holding it)."""
-    from liveavatar.t5 import T5Encoder
+    from liveavatar.models.t5 import T5Encoder
 
-    return _load_pth(_file_in(path, T5_FILE), _build_on_meta(T5Encoder, cfg), dtype, device, "T5 encoder")
+    return _load_pth(_file_in(path, T5_FILE), on_meta(T5Encoder, cfg), dtype, device, "T5 encoder")
 
 
 def load_vae(path: str | Path, cfg: VAEConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
     """Wan2.1 VAE from `Wan2.1_VAE.pth` (or the checkpoint folder holding it)."""
-    from liveavatar.vae import WanVAE
+    from liveavatar.models.vae import WanVAE
 
-    return _load_pth(_file_in(path, VAE_FILE), _build_on_meta(WanVAE, cfg), dtype, device, "VAE")
+    return _load_pth(_file_in(path, VAE_FILE), on_meta(WanVAE, cfg), dtype, device, "VAE")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,15 +585,6 @@ def merge_lora(model: nn.Module, lora_sd: dict[str, torch.Tensor], alpha: float,
 
 _W2V_HEADS = ("lm_head.", "quantizer.", "project_q.", "project_hid.")  # heads the encoder does not use
 _W2V_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-
-
-def _w2v_model_on_meta(cfg: AudioConfig) -> nn.Module:
-    from transformers import Wav2Vec2Model
-
-    from liveavatar.audio import wav2vec2_config
-
-    with torch.device("meta"):
-        return Wav2Vec2Model(wav2vec2_config(cfg))
 
 
 def _w2v_key(k: str) -> str:

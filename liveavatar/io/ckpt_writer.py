@@ -5,7 +5,7 @@
 safetensors file; `write_tokenizer_folder` and `write_wav2vec2_folder` write small Hugging Face
 folders in the layout of the official ones. `write_random_checkpoint` puts these together into a
 complete `Wan2.2-S2V-14B/` folder with random weights (and optionally a random LoRA), which every
-loader of `liveavatar.checkpoint` and every check of `liveavatar.verify` reads like the real one.
+loader of `liveavatar.io.checkpoint` and every check of `liveavatar.io.verify` reads like the real one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from liveavatar.checkpoint import (
+from liveavatar.config import AudioConfig, DiTConfig, Preset, get_preset
+from liveavatar.io.checkpoint import (
     _DIT_CONFIG_FIELDS,
     _DIT_CONFIG_FIXED,
     AUDIO_DIR,
@@ -35,7 +36,6 @@ from liveavatar.checkpoint import (
     dit_shard_name,
     expected_lora_tensors,
 )
-from liveavatar.config import AudioConfig, DiTConfig, Preset, get_preset
 
 
 def dit_config_json(cfg: DiTConfig) -> dict:
@@ -134,7 +134,7 @@ def write_wav2vec2_folder(folder: str | Path, cfg: AudioConfig, seed: int = 0) -
     returns the model written."""
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
-    from liveavatar.audio import wav2vec2_config
+    from liveavatar.models.wav2vec2 import wav2vec2_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -161,9 +161,9 @@ def write_random_checkpoint(ckpt_dir: str | Path, preset: Preset | str = "tiny",
     """A complete checkpoint with random weights in the official layout and file dtypes (for tests):
     sharded DiT + index + config.json, T5 and VAE `.pth`, tokenizer and wav2vec2 folders, and, when
     `lora_path` is given, a random LoRA with prefixed keys."""
-    from liveavatar.dit import CausalS2VDiT
-    from liveavatar.t5 import T5Encoder
-    from liveavatar.vae import WanVAE
+    from liveavatar.models.dit import CausalS2VDiT
+    from liveavatar.models.t5 import T5Encoder
+    from liveavatar.models.vae import WanVAE
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
     root = Path(ckpt_dir)

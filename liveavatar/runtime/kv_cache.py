@@ -1,30 +1,38 @@
-"""Explicit key/value caches of the streaming DiT.
+"""Explicit key/value caches of the streaming DiT, and the attention contexts that read and write them.
 
 `RingKVCache`: one per denoising step. Per layer it holds `ring_frames` latent frames of roped keys
 and values (the current block plus the previous ones), written block-slot-wise at
 slot = (F0 mod ring_frames)·fs. Step i's cache is only ever read and written by step i's forwards
-("timestep forcing"), so each cache can live on its own device or in host memory.
+("timestep forcing"), so each cache can live on its own device or in host memory
+(`HostRingKVCache`, staged one layer at a time) or in FP8 (`FP8RingKVCache`).
 
 `SinkCache`: the reference-image + FramePack motion tokens, computed once by the t = 0 prefill and
 stored per layer **before** RoPE (keys are re-roped on every call with the rolling reference
-position). `SinkLayout` describes its token groups and their RoPE grids; it depends only on the
-latent size. It is sized exactly for the latent size (the official code allocates a fixed 2,800 or
-3,000 tokens, which caps the output area).
+position). It is sized exactly for the latent size (`liveavatar.models.layout.SinkLayout`; the
+official code allocates a fixed 2,800 or 3,000 tokens, which caps the output area).
 
-Both are plain tensors with known shapes, so `nbytes` can be computed before allocating anything
-(`RingKVCache.bytes_for`, `SinkCache.bytes_for`); the memory planner uses those same functions.
+The DiT reaches the caches only through an attention context, one object per forward that its
+self-attention calls once per layer as `keys, values = ctx.kv(layer, k, k_roped, v)`:
+`SinkPrefill` stores the prefill's pre-RoPE keys and values in the sink; `BlockAttention` writes a
+block's roped keys and values into its step's ring at a slot and returns the active ring tokens
+followed by the sink keys re-roped at the rolled reference position. The caller (the denoise stage)
+computes slot, active length and RoPE tables, and ends the forward with `finish()`.
+
+All of these are plain tensors with known shapes, so `nbytes` can be computed before allocating
+anything (`RingKVCache.bytes_for`, `SinkCache.bytes_for`); the memory planner uses those same
+functions.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
 
-import numpy as np
 import torch
 
 from liveavatar.config import DiTConfig
-from liveavatar.rope import grid_factors, sample_positions
+from liveavatar.models.layout import SinkLayout
+from liveavatar.models.rope import apply_rope
 
 
 def _kv_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -34,45 +42,6 @@ def _kv_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 def _zeros_kv(shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-
-
-@dataclass(frozen=True)
-class SinkLayout:
-    """Token groups of the sink sequence at latent size (h, w): ref, then motion post / 2x / 4x."""
-
-    h: int  # latent height
-    w: int  # latent width
-    zip_frame_buckets: tuple[int, int, int] = (1, 2, 16)
-
-    @property
-    def fs(self) -> int:
-        return (self.h // 2) * (self.w // 2)
-
-    @property
-    def group_sizes(self) -> tuple[int, int, int, int]:
-        h, w = self.h, self.w
-        n4 = self.zip_frame_buckets[2] // 4
-        return self.fs, self.fs, (h // 4) * (w // 4), n4 * (h // 8) * (w // 8)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.group_sizes)
-
-    def rope(self, cfg: DiTConfig, ref_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [num_tokens, d/2] with the reference frame at temporal position `ref_pos`."""
-        h2, w2 = self.h // 2, self.w // 2
-        b1, b2, b16 = self.zip_frame_buckets
-        n4 = b16 // 4
-        grids = [
-            ([ref_pos], range(h2), range(w2)),  # reference image
-            ([-b1], range(h2), range(w2)),  # newest motion frame, full resolution
-            ([-(b1 + b2)], sample_positions(0, h2, self.h // 4), sample_positions(0, w2, self.w // 4)),
-            # 4x bucket: n4 frames sampled from oldest (-(b1+b2+b16)) towards newer, e.g. -19,-14,-9,-4.
-            ([-p for p in np.linspace(b1 + b2 + b16, b1 + b2 + 1 , n4).astype(int).tolist()],
-             sample_positions(0, h2, self.h // 8), sample_positions(0, w2, self.w // 8)),
-        ]
-        parts = [grid_factors(t, list(hh), list(ww), cfg.rope_split) for t, hh, ww in grids]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 class RingKVCache:
@@ -121,8 +90,21 @@ class RingKVCache:
         kk, vv = self.layer(i)
         return kk[:, :end], vv[:, :end]
 
-    def commit(self, i: int, start: int, end: int) -> None:
-        """Layer i is done with its ring; tokens [start, end) were written. Nothing to do when resident."""
+    def flush(self) -> None:
+        """The forward is done: pending write-backs are issued. Nothing to do when resident."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The cache's contents by name (what a saved session stores); `load` copies them back."""
+        self.flush()
+        return {"k": self.k, "v": self.v}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in self.tensors().items():
+            t.copy_(tensors[name])
+
+    def close(self) -> None:
+        """Release the storage now (the object must not be used afterwards)."""
+        self.k = self.v = None
 
 
 class FP8RingKVCache(RingKVCache):
@@ -165,11 +147,19 @@ class FP8RingKVCache(RingKVCache):
         v = (self.v[i, :, :end].float() * self.v_scale[i, :, :end]).to(self.dtype)
         return k, v
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"k": self.k, "v": self.v, "k_scale": self.k_scale, "v_scale": self.v_scale}
+
+    def close(self) -> None:
+        super().close()
+        self.k_scale = self.v_scale = None
+
 
 class HostRingKVCache(RingKVCache):
     """A ring cache kept in (pinned) host memory and staged one layer at a time through two device
     slots: layer i+1 is copied in on a side stream while layer i computes, and only the tokens a
-    block writes go back. Same interface and the same numbers as a resident `RingKVCache`; device
+    block writes go back, once the next layer is requested (by then the layer's attention has been
+    issued) or at `flush()`. Same interface and the same numbers as a resident `RingKVCache`; device
     memory is two layers' K and V instead of all of them."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, fs: int, ring_frames: int, device):
@@ -178,6 +168,8 @@ class HostRingKVCache(RingKVCache):
         shape = (2, 2, *k.shape[1:])  # [slot, k/v, B, T, N, d]
         self.slots = torch.empty(shape, dtype=k.dtype, device=self.device)
         self.loaded: list[int | None] = [None, None]
+        self.pending: tuple[int, int, int] | None = None  # (layer, start, end) written, not yet copied back
+        self._release = None  # unregisters the page-locked host copy (see allocate)
         if self.device.type == "cuda":
             self.stream = torch.cuda.Stream(self.device)
             self.ready = [torch.cuda.Event(), torch.cuda.Event()]
@@ -195,14 +187,12 @@ class HostRingKVCache(RingKVCache):
         cache = cls(k, v, fs, cfg.ring_frames, device)
         if cache.device.type == "cuda":
             # Page-locked in place at their exact size (`pin_memory()` would round each up to a power of 2).
-            import weakref
-
-            from liveavatar.offload import pin_in_place, unpin
+            from liveavatar.runtime.offload import pin_in_place, unpin
 
             cache.k, cache.v = pin_in_place(k), pin_in_place(v)
             registered = [t for t, orig in ((cache.k, k), (cache.v, v)) if t is orig]
-            if registered:
-                weakref.finalize(cache, unpin, registered)
+            # Unregistered when closed, or when collected unclosed: after the side stream's copies end.
+            cache._release = weakref.finalize(cache, unpin, registered, cache.stream)
         return cache
 
     @property
@@ -225,6 +215,8 @@ class HostRingKVCache(RingKVCache):
             self.ready[s].record(self.stream)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pending is not None and self.pending[0] != i:
+            self.flush()  # the previous layer's attention has been issued: copy its new tokens back
         self._fetch(i)
         s = i % 2
         if self.stream is not None:
@@ -233,7 +225,15 @@ class HostRingKVCache(RingKVCache):
             self._fetch(i + 1)  # overlaps layer i's compute
         return self.slots[s, 0], self.slots[s, 1]
 
-    def commit(self, i: int, start: int, end: int) -> None:
+    def write(self, i: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        super().write(i, start, k, v)
+        self.pending = (i, start, start + k.shape[1])
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        i, start, end = self.pending
+        self.pending = None
         s = i % 2
         if self.stream is None:
             self.k[i, :, start:end].copy_(self.slots[s, 0, :, start:end])
@@ -249,6 +249,30 @@ class HostRingKVCache(RingKVCache):
         # The slot holds a stale copy of layer i from now on only if another layer reuses it; a later
         # call for the same layer re-fetches (the host copy is the truth).
         self.loaded[s] = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        self.flush()
+        if self.stream is not None:
+            self.stream.synchronize()  # the host copy is complete
+        return {"k": self.k, "v": self.v}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load(tensors)
+        self.loaded = [None, None]  # the device slots no longer match the host copy
+
+    def close(self) -> None:
+        """Wait for every copy still in flight on the side stream, then unpin and drop the host memory."""
+        if self.k is None:
+            return
+        self.flush()
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).synchronize()  # nothing reads the slots any more
+        if self._release is not None:
+            self._release()  # waits for the side stream, then unregisters
+        elif self.stream is not None:
+            self.stream.synchronize()
+        super().close()
+        self.slots = None
 
 
 class SinkCache:
@@ -272,3 +296,54 @@ class SinkCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"k": self.k, "v": self.v}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.k.copy_(tensors["k"])
+        self.v.copy_(tensors["v"])
+
+    def close(self) -> None:
+        self.k = self.v = None
+
+
+class SinkPrefill:
+    """Attention context of the sink prefill: each layer's keys (before RoPE) and values go into the
+    sink cache; the prefill tokens attend to themselves. `rope`: cos/sin [num_tokens, d/2] of the sink
+    tokens at the prefill reference position, on the compute device."""
+
+    def __init__(self, sink: SinkCache, rope: tuple[torch.Tensor, torch.Tensor]):
+        self.sink, self.rope = sink, rope
+
+    def kv(self, layer: int, k: torch.Tensor, k_roped: torch.Tensor, v: torch.Tensor):
+        self.sink.k[layer].copy_(k)
+        self.sink.v[layer].copy_(v)
+        return k_roped, v
+
+    def finish(self) -> None:
+        pass
+
+
+class BlockAttention:
+    """Attention context of one block forward at one denoising step.
+
+    Writes the block's roped keys and values into `ring` at ring tokens [slot, slot + n) and returns,
+    per layer, the ring tokens [0, active) followed by the sink keys re-roped with `sink_rope` (the
+    rolled reference position) and the sink values. `rope`: cos/sin [n, d/2] of the block's tokens;
+    all tables on the compute device."""
+
+    def __init__(self, ring: RingKVCache, sink: SinkCache, rope: tuple[torch.Tensor, torch.Tensor],
+                 sink_rope: tuple[torch.Tensor, torch.Tensor], slot: int, active: int):
+        self.ring, self.sink, self.rope, self.sink_rope = ring, sink, rope, sink_rope
+        self.slot, self.active = slot, active
+
+    def kv(self, layer: int, k: torch.Tensor, k_roped: torch.Tensor, v: torch.Tensor):
+        self.ring.write(layer, self.slot, k_roped, v)
+        rk, rv = self.ring.read(layer, self.active)  # [B, active, N, d]
+        sk = apply_rope(self.sink.k[layer], *self.sink_rope)
+        return torch.cat([rk, sk], dim=1), torch.cat([rv, self.sink.v[layer]], dim=1)
+
+    def finish(self) -> None:
+        """The forward is done: the ring's last write is committed."""
+        self.ring.flush()

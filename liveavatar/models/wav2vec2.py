@@ -18,11 +18,9 @@ and whose CTC head is not needed). `features` reproduces the official S2V path:
 Frame count: T50 follows from the conv front end (400-sample receptive field, stride 320). With
 F = infer_frames, the official run uses N = nr · F frames with nr = int(T30 / (F · 30 / fps)) + 1
 clips; the +1 is unconditional, so the last clip is partly or wholly silent (`num_clips_for_audio`).
-The default encodes the whole utterance in one pass, as the official code does: compute is O(T²)
-and so is memory with eager attention (SDPA kernels avoid the quadratic scores). `chunk_seconds`
-offers a bounded-memory alternative: normalise globally, then encode windows aligned to the 320-sample
-frame grid with `context_seconds` of extra audio on each side and keep each window's centre. The conv
-front end is then exact; attention sees only the window, so deep layers differ slightly from one pass.
+`features` encodes the whole utterance in one pass, as the official code does: compute is O(T²) and
+so is memory with eager attention (SDPA kernels avoid the quadratic scores). Streaming sessions use
+`normalize` and `encode` on windows instead (`liveavatar.engine.audio_features`).
 """
 
 from __future__ import annotations
@@ -208,38 +206,14 @@ class AudioEncoder(nn.Module):
         # Index 24 must be the final-LayerNorm output (see the module docstring).
         return torch.cat([*states[:-1], out.last_hidden_state])
 
-    @torch.no_grad()
-    def encode_chunked(self, samples: np.ndarray, window_frames: int, context_frames: int) -> torch.Tensor:
-        """Like `encode`, in windows of `window_frames` 50 Hz frames plus `context_frames` on each side."""
-        c = self.model.config
-        total = conv_frames(len(samples), c.conv_kernel, c.conv_stride)
-        parts = []
-        for a in range(0, total, window_frames):
-            b = min(total, a + window_frames)
-            lo, hi = max(0, a - context_frames), min(total, b + context_frames)
-            # Frames [lo, hi) need samples [hop·lo, hop·(hi−1) + receptive_field).
-            part = self.encode(samples[self.hop * lo: self.hop * (hi - 1) + self.receptive_field])
-            assert part.shape[1] == hi - lo
-            parts.append(part[:, a - lo: b - lo])
-        return torch.cat(parts, dim=1)
-
     def features(self, wave_16k: np.ndarray, num_video_frames: int | None = None, fps: int = 25,
-                 infer_frames: int = 48, chunk_seconds: float | None = None,
-                 context_seconds: float = 5.0) -> torch.Tensor:
-        """wave_16k: [S] float32 mono -> [1, 25, H, N] in the model dtype.
+                 infer_frames: int = 48) -> torch.Tensor:
+        """wave_16k: [S] float32 mono -> [1, 25, H, N] in the model dtype, encoded in one pass.
 
-        N = num_video_frames, or the official nr · infer_frames when None. `chunk_seconds` switches to
-        windowed encoding (bounded memory, approximate); None is the official one-pass encoding.
-        """
+        N = num_video_frames, or the official nr · infer_frames when None."""
         if fps <= 0:
             raise UserError(f"fps must be positive, got {fps}")
-        samples = self.normalize(wave_16k)
-        if chunk_seconds is None:
-            hidden = self.encode(samples)
-        else:
-            window = max(1, round(chunk_seconds * self.feature_rate))
-            context = max(0, round(context_seconds * self.feature_rate))
-            hidden = self.encode_chunked(samples, window, context)
+        hidden = self.encode(self.normalize(wave_16k))
         feat = resample_features(hidden, self.feature_rate, self.interp_rate)  # [25, T30, H]
         if num_video_frames is None:
             nr = int(feat.shape[1] / (infer_frames * (self.interp_rate / fps))) + 1

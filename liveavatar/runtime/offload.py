@@ -19,7 +19,7 @@ synchronous copies, which is what the unit tests compare against the resident mo
 Inference only: autograd would keep views of slots that are later overwritten.
 
 This follows the two-static-buffers + side-stream + events design of LightX2V (ecosystem.md §2.3)
-with weights kept inside the `nn.Module`, so FP8 (`liveavatar.fp8`) and streaming compose.
+with weights kept inside the `nn.Module`, so FP8 (`liveavatar.runtime.fp8`) and streaming compose.
 """
 
 from __future__ import annotations
@@ -123,7 +123,10 @@ def pin_in_place(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory()
 
 
-def unpin(registered: list[torch.Tensor]) -> None:
+def unpin(registered: list[torch.Tensor], stream=None) -> None:
+    """Unregister page-locked host tensors, after every copy queued on `stream` (if given) has ended."""
+    if stream is not None:
+        stream.synchronize()
     cudart = torch.cuda.cudart()
     for t in registered:
         cudart.cudaHostUnregister(t.data_ptr())
@@ -185,8 +188,6 @@ class BlockStreamer:
             g.host = host
             for e in g.entries:  # rebinding frees the original storage
                 self._rebind(e, self._view(self.slots[g.slot], e))
-        if registered:
-            weakref.finalize(self, unpin, registered)
         for i, g in enumerate(self.groups):
             later = [self.groups[(i + d) % len(self.groups)] for d in range(1, len(self.groups) + 1)]
             nxt = next((h for h in later if h.slot is not None), None)
@@ -198,6 +199,8 @@ class BlockStreamer:
             self.free = [torch.cuda.Event() for _ in range(n_slots)]  # "compute that read slot s enqueued"
         else:
             self.stream, self.ready, self.free = None, [], []
+        if registered:
+            weakref.finalize(self, unpin, registered, self.stream)
         for g in self.streamed[:n_slots]:  # first slots filled ahead of the first forward
             self._load(g)
         self.handles = [model.blocks[g.index].register_forward_pre_hook(self._hook(g)) for g in self.groups]

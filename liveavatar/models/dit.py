@@ -7,7 +7,7 @@ a pose encoder whose input is always zero (so only its bias contributes) and a 3
 embedding. Module names equal the checkpoint keys (including the `casual_` spelling), so
 `Wan2.2-S2V-14B/diffusion_pytorch_model*.safetensors` loads without renaming.
 
-Two entry points, both against explicit caches (`liveavatar.kv_cache`):
+Two entry points, both against explicit caches (`liveavatar.runtime.kv_cache`):
 - `prefill_sink`: the t = 0 pass over reference + motion tokens that fills the per-layer sink
   K (pre-RoPE) / V; no audio, output discarded.
 - `forward`: one 3-latent-frame block at one denoising timestep: writes its roped K/V into the
@@ -28,8 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from liveavatar.config import DiTConfig
-from liveavatar.kv_cache import RingKVCache, SinkCache
-from liveavatar.rope import apply_rope, grid_factors, to_device
+from liveavatar.models.rope import apply_rope
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +95,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Self-attention (through a caller-given `attend`), text cross-attention, GELU-tanh FFN."""
+    """Self-attention against the keys/values of an attention context, text cross-attention, GELU-tanh FFN."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -109,9 +108,10 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.bf16_norm3 = True
 
-    def forward(self, x, e0, text, attend, frames: int, skip_tail: bool = False):
+    def forward(self, x, e0, text, ctx, layer: int, frames: int, skip_tail: bool = False):
         """x: [B, L, D]; e0: [B, G, 6, D] fp32 (one modulation row per group of L/G tokens);
-        text: [B, 512, D]; attend(q, k, v) -> [B, L, N·d]. Returns [B, L, D] in x.dtype."""
+        text: [B, 512, D]; ctx: attention context (`rope` tables of the L tokens and
+        `kv(layer, k, k_roped, v)`). Returns [B, L, D] in x.dtype."""
         dtype = x.dtype
         b, seq, dim = x.shape
         mod = (self.modulation.float().unsqueeze(0) + e0).unbind(2)  # 6 × [B, G, D]
@@ -124,7 +124,10 @@ class Block(nn.Module):
 
         h = modulate(layer_norm(x, self.eps).float(), mod[0], mod[1]).to(dtype)
         q, k, v = self.self_attn.qkv(h)
-        xr = x.float() + gate(self.self_attn.o(attend(q, k, v)), mod[2])
+        cos, sin = ctx.rope
+        keys, values = ctx.kv(layer, k, apply_rope(k, cos, sin), v)
+        y = attention(apply_rope(q, cos, sin), keys, values)
+        xr = x.float() + gate(self.self_attn.o(y), mod[2])
         if skip_tail:  # sink prefill, last layer: the rest of the block only feeds a discarded output
             return xr.to(dtype)
         # The official block rounds the residual to bf16 before norm3 and returns bf16, in any dtype.
@@ -316,80 +319,51 @@ class CausalS2VDiT(nn.Module):
     # ---- sink prefill -------------------------------------------------------------------------
 
     def prefill_sink(self, ref_latent: torch.Tensor, motion_latents: torch.Tensor, text: torch.Tensor,
-                     sink: SinkCache) -> None:
-        """Fill `sink` with per-layer pre-RoPE K and V of the reference + motion tokens (t = 0, no audio).
+                     ctx) -> None:
+        """The t = 0 pass over the reference + motion tokens, no audio; `ctx` (a `SinkPrefill`) stores
+        each layer's keys (before RoPE) and values in the sink. The output is discarded.
 
         ref_latent: [B, C, 1, h, w]; motion_latents: [B, C, T_m, h, w]; text: `embed_text` output."""
         cfg = self.cfg
         dtype = self.patch_embedding.weight.dtype
-        layout = sink.layout
         ref = self.patch_embedding(ref_latent.to(dtype)).flatten(2).transpose(1, 2)
         mot = self.frame_packer(motion_latents.to(dtype))
         mask = self.trainable_cond_mask.weight.to(dtype)
         x = torch.cat([ref + mask[1], mot + mask[2]], dim=1)  # [B, Lc, D]
-        assert x.shape[1] == layout.num_tokens, (x.shape, layout.num_tokens)
         b = x.shape[0]
-        cos, sin = layout.rope(cfg, cfg.sink_ref_pos)
-        cos, sin = to_device(cos, x.device), to_device(sin, x.device)
-        _, e0 = self.time_modulation(torch.zeros(b, cfg.frames_per_block, device=x.device))
+        _, e0 = self.time_modulation(x.new_zeros(b, cfg.frames_per_block, dtype=torch.float32))
         e0 = e0[1, :, :1]  # sink tokens use the t = 0 row of frame 0: [B, 1, 6, D]
         for i, block in enumerate(self.blocks):
-            def attend(q, k, v, i=i):
-                sink.k[i].copy_(k)
-                sink.v[i].copy_(v)
-                return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-
-            x = block(x, e0, text, attend, frames=1, skip_tail=i == len(self.blocks) - 1)
+            x = block(x, e0, text, ctx, i, frames=1, skip_tail=i == len(self.blocks) - 1)
+        ctx.finish()
 
     # ---- streaming block forward --------------------------------------------------------------
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, audio: torch.Tensor, text: torch.Tensor,
-                ring: RingKVCache, sink: SinkCache, frame_start: int, d: int) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, t: torch.Tensor | float, audio: torch.Tensor, text: torch.Tensor,
+                ctx) -> torch.Tensor:
         """Velocity for one block.
 
-        z: [B, C, F=3, h, w] noisy latents at absolute latent frame `frame_start` (F0);
-        t: [B] or scalar timestep; audio: [B, 25, C_a, 4·F] this block's audio features;
-        text: `embed_text` output; ring: this denoising step's ring cache; sink: filled sink cache;
-        d: the rolling-sink distance (the reference is re-roped at max(30, F0 + d)).
-        Returns v: [B, C, F, h, w] in the weight dtype."""
+        z: [B, C, F=3, h, w] noisy latents; t: [B] tensor on z's device (or a number) timestep;
+        audio: [B, 25, C_a, 4·F] this block's audio features; text: `embed_text` output; ctx: the
+        block's `BlockAttention` (RoPE tables of its tokens, its step's ring cache at the block's
+        slot, the sink re-roped for this call). Returns v: [B, C, F, h, w] in the weight dtype."""
         cfg = self.cfg
         dtype = self.patch_embedding.weight.dtype
         b, _, f, h, w = z.shape
         h2, w2 = h // cfg.patch_size[1], w // cfg.patch_size[2]
-        fs = h2 * w2
-        seg = f * fs
         a_glob, a_loc = self.encode_audio(audio)
         x = self.patch_embedding(z.to(dtype)).flatten(2).transpose(1, 2)
         x = x + self.cond_encoder.bias.to(dtype) + self.trainable_cond_mask.weight[0].to(dtype)
-
-        cos_q, sin_q = grid_factors(range(frame_start, frame_start + f), range(h2), range(w2), cfg.rope_split)
-        n_roll = max(0, frame_start - (cfg.sink_ref_pos - d))
-        cos_s, sin_s = sink.layout.rope(cfg, cfg.sink_ref_pos + n_roll)
-        cos_q, sin_q, cos_s, sin_s = (to_device(a, x.device) for a in (cos_q, sin_q, cos_s, sin_s))
 
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
         e, e0 = self.time_modulation(t[:, None].expand(b, f))
         e0 = e0[0]  # [B, F, 6, D]
 
-        start = frame_start * fs
-        slot = start % ring.ring_len
-        n_active = ring.ring_len if start >= ring.ring_len else start + seg
-        assert slot + seg <= ring.ring_len, "block does not fit the ring; frames_per_block must divide ring_frames"
-
         for i, block in enumerate(self.blocks):
-            def attend(q, k, v, i=i):
-                ring.write(i, slot, apply_rope(k, cos_q, sin_q), v)
-                rk, rv = ring.read(i, n_active)  # [B, n_active, N, d] on the compute device
-                sk = apply_rope(sink.k[i], cos_s, sin_s)
-                keys = torch.cat([rk, sk], dim=1)
-                vals = torch.cat([rv, sink.v[i]], dim=1)
-                out = attention(apply_rope(q, cos_q, sin_q), keys, vals)
-                ring.commit(i, slot, slot + seg)
-                return out
-
-            x = block(x, e0, text, attend, frames=f)
+            x = block(x, e0, text, ctx, i, frames=f)
             if i in self.inject_index:
                 x = self._inject_audio(i, x, a_glob, a_loc)
+        ctx.finish()
 
         out = self.head(x, e)  # [B, F·fs, 64]
         return self.unpatchify(out, f, h2, w2)

@@ -62,13 +62,6 @@ def _grid_factors(t_pos, h_pos, w_pos, split) -> tuple[torch.Tensor, torch.Tenso
     return cat(ct, ch, cw), cat(st, sh, sw)
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> `device` without a host sync: through pinned memory, non-blocking, on CUDA."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def sample_positions(start: int, span: int, count: int) -> list[int]:
     """`count` integer positions spread over [start, start + span - 1], truncated as numpy does."""
     return np.linspace(start, start + span - 1, count).astype(int).tolist()

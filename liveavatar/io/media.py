@@ -21,6 +21,8 @@ import math
 import os
 import re
 import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -36,9 +38,10 @@ from liveavatar.errors import UserError
 SAMPLE_RATE = 16000  # speech is resampled to this rate for the audio encoder and the muxed track
 SIZE_DIVISOR = 64  # output sides are multiples of this (VAE stride 8 x patch 2 x FramePack 4x bucket)
 MIN_SIDE = 128  # smallest output side accepted by default: latent 16, FramePack 4x bucket 2 tokens
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "assets"
 
 # Extensions that libsndfile cannot read; they go straight to PyAV.
+SILENCE_RMS = 1e-3  # speech quieter than this RMS (-60 dBFS) gets a warning: the avatar will barely move
 _PYAV_SUFFIXES = {".m4a", ".mp4", ".aac", ".mov", ".m4v", ".mkv", ".webm", ".wma", ".3gp", ".opus"}
 
 
@@ -189,60 +192,151 @@ def load_reference_image(path: str | os.PathLike, max_area: int,
 # ----------------------------------------------------------------------------------------------------
 
 
-def _decode_pyav(path: Path) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream with PyAV -> ([C, N] float32, sample rate)."""
+_READ_BLOCK = 1 << 16  # input frames decoded per step when streaming a file
+
+
+def _resampled_len(n: int, rate: int) -> int:
+    """Samples soxr makes of `n` input samples at `rate` Hz, resampled to 16 kHz (round half up)."""
+    return n if rate == SAMPLE_RATE else (2 * n * SAMPLE_RATE + rate) // (2 * rate)
+
+
+def _blocks_soundfile(path: Path, start: int = 0) -> Iterator[np.ndarray]:
+    """[C, n] float32 blocks from input frame `start` on, read with libsndfile."""
+    with sf.SoundFile(str(path)) as f:
+        if start:
+            f.seek(start)
+        while True:
+            data = f.read(_READ_BLOCK, dtype="float32", always_2d=True)  # [n, C]
+            if len(data) == 0:
+                return
+            yield data.T
+
+
+def _blocks_pyav(path: Path, start: int = 0) -> Iterator[np.ndarray]:
+    """[C, n] float32 blocks of the first audio stream, decoded with PyAV, from input frame `start` on."""
     with av.open(str(path)) as container:
         if not container.streams.audio:
             raise ValueError("the file has no audio stream")
-        stream = container.streams.audio[0]
         resampler = av.AudioResampler(format="fltp")  # keeps the layout and rate; planar float
-        parts, sr = [], stream.codec_context.sample_rate
-        for frame in container.decode(stream):
-            sr = frame.sample_rate
-            for f in resampler.resample(frame):
-                parts.append(f.to_ndarray())  # [C, n]
-        for f in resampler.resample(None):
-            parts.append(f.to_ndarray())
-    if not parts:
-        return np.zeros((1, 0), np.float32), sr or SAMPLE_RATE
-    return np.concatenate(parts, axis=1).astype(np.float32, copy=False), sr
+        skip = start
+        for f in _resampled_frames(container.decode(container.streams.audio[0]), resampler):
+            x = f.to_ndarray().astype(np.float32, copy=False)  # [C, n]
+            if skip:
+                cut = min(skip, x.shape[1])
+                x, skip = x[:, cut:], skip - cut
+            if x.shape[1]:
+                yield x
 
 
-def load_audio(path: str | os.PathLike) -> np.ndarray:
-    """Speech file -> float32 mono samples at 16 kHz, like `librosa.load(path, sr=16000)`.
+def _resampled_frames(frames, resampler):
+    for frame in frames:
+        yield from resampler.resample(frame)
+    yield from resampler.resample(None)
 
-    WAV/FLAC/OGG/MP3 are read with soundfile, containers libsndfile cannot read (M4A, MP4, AAC...)
-    and anything it fails on are decoded with PyAV; channels are averaged, then resampled with soxr
-    HQ (what librosa uses). Missing, undecodable or empty files raise UserError. Silence is not an
-    error here: see `audio_is_silent`.
-    """
+
+def _pyav_rate(path: Path) -> int:
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError("the file has no audio stream")
+        return container.streams.audio[0].codec_context.sample_rate
+
+
+@dataclass(frozen=True)
+class SpeechFile:
+    """A speech file checked from end to end (decodable, finite, not empty) without holding it in
+    memory: its decoder, sample rate, length at 16 kHz and level. `chunks()` streams it as 16 kHz mono."""
+
+    path: Path
+    decoder: str  # "soundfile" (WAV/FLAC/OGG/MP3 through libsndfile) or "pyav" (M4A, MP4, AAC, ...)
+    rate: int  # the file's sample rate
+    num_samples: int  # length at 16 kHz
+    rms: float  # RMS level of the channel mean
+
+    @property
+    def silent(self) -> bool:
+        return self.rms < SILENCE_RMS
+
+    @property
+    def seconds(self) -> float:
+        return self.num_samples / SAMPLE_RATE
+
+    def _blocks(self, start: int = 0) -> Iterator[np.ndarray]:
+        return (_blocks_soundfile if self.decoder == "soundfile" else _blocks_pyav)(self.path, start)
+
+    def chunks(self, start: int = 0) -> Iterator[np.ndarray]:
+        """float32 mono 16 kHz chunks from 16 kHz sample `start` on: the channel mean, resampled with
+        soxr HQ when the file is not at 16 kHz (the same samples as `librosa.load(path, sr=16000)`;
+        soxr's stream gives the same samples whatever the block sizes)."""
+        if self.rate == SAMPLE_RATE:
+            for x in self._blocks(start):
+                yield np.mean(x, axis=0)
+            return
+        stream = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        skip = start
+        for x, last in _with_last(self._blocks()):
+            y = stream.resample_chunk(np.mean(x, axis=0), last=last)
+            if skip:
+                cut = min(skip, len(y))
+                y, skip = y[cut:], skip - cut
+            if len(y):
+                yield y
+
+
+def _with_last(it: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, bool]]:
+    """(item, is_last) pairs, with a final empty block so a resampler can flush."""
+    prev = None
+    for x in it:
+        if prev is not None:
+            yield prev, False
+        prev = x
+    if prev is not None:
+        yield prev, False
+        yield prev[:, :0], True
+
+
+def open_speech(path: str | os.PathLike) -> SpeechFile:
+    """Check a speech file by decoding it once, block by block (memory stays flat for any length).
+
+    WAV/FLAC/OGG/MP3 are read with soundfile; containers libsndfile cannot read (M4A, MP4, AAC...) and
+    anything it fails on are decoded with PyAV. Missing, undecodable, empty or non-finite files raise
+    UserError. Silence is not an error here (see `SpeechFile.silent`)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"audio file {str(p)!r} does not exist; pass the path of a WAV, FLAC, MP3 or M4A file")
-    x = sr = None
-    if p.suffix.lower() not in _PYAV_SUFFIXES:
+    decoders = ["pyav"] if p.suffix.lower() in _PYAV_SUFFIXES else ["soundfile", "pyav"]
+    for decoder in decoders:
         try:
-            data, sr = sf.read(str(p), dtype="float32", always_2d=True)  # [N, C]
-            x = data.T  # [C, N]
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-            x = None
-    if x is None:
-        try:
-            x, sr = _decode_pyav(p)
-        except (av.FFmpegError, ValueError, OSError) as e:
-            raise UserError(f"audio file {str(p)!r} could not be decoded ({e}); "
-                            "convert it to WAV, FLAC, MP3 or M4A") from None
-    if x.shape[1] == 0:
+            if decoder == "soundfile":
+                rate, blocks = sf.info(str(p)).samplerate, _blocks_soundfile(p)
+            else:
+                rate, blocks = _pyav_rate(p), _blocks_pyav(p)
+            n, sumsq, finite = 0, 0.0, True
+            for x in blocks:
+                mono = np.mean(x, axis=0)
+                finite = finite and bool(np.all(np.isfinite(mono)))
+                sumsq += float(np.sum(np.square(mono, dtype=np.float64)))
+                n += len(mono)
+            break
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, av.FFmpegError, OSError) as e:
+            if decoder == decoders[-1]:
+                raise UserError(f"audio file {str(p)!r} could not be decoded ({e}); "
+                                "convert it to WAV, FLAC, MP3 or M4A") from None
+    if n == 0:
         raise UserError(f"audio file {str(p)!r} contains no samples; pass a file with speech in it")
-    wave = np.mean(x, axis=0)  # [N] channel mean, as librosa's to_mono
-    if not np.all(np.isfinite(wave)):
+    if not finite:
         raise UserError(f"audio file {str(p)!r} contains NaN or infinite samples; re-export it as PCM WAV")
-    if sr != SAMPLE_RATE:
-        wave = soxr.resample(wave, sr, SAMPLE_RATE, quality="HQ")
-    return np.ascontiguousarray(wave, dtype=np.float32)
+    return SpeechFile(p, decoder, rate, _resampled_len(n, rate), float(np.sqrt(sumsq / n)))
 
 
-def audio_is_silent(wave: np.ndarray, threshold: float = 1e-3) -> bool:
+def load_audio(path: str | os.PathLike) -> np.ndarray:
+    """Speech file -> float32 mono samples at 16 kHz, like `librosa.load(path, sr=16000)` (soundfile or
+    PyAV decoding, channel mean, soxr HQ). The whole file in memory: for long files stream
+    `open_speech(path).chunks()` instead."""
+    chunks = list(open_speech(path).chunks())
+    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+
+
+def audio_is_silent(wave: np.ndarray, threshold: float = SILENCE_RMS) -> bool:
     """True when the RMS level is below `threshold` (default 1e-3, i.e. -60 dBFS): worth a warning,
     since the avatar will barely move, but not an error."""
     if len(wave) == 0:
@@ -280,22 +374,29 @@ def _top_level_boxes(data: bytes):
 class MP4Writer:
     """Streams RGB frames (and the matching span of a mono speech track) into a fragmented MP4.
 
-    `write(frames)` encodes a [T, H, W, 3] uint8 chunk (its first frame forced to an IDR keyframe),
-    muxes the audio samples [n0*sr/fps, (n0+T)*sr/fps) that play with it, and appends both to
-    `<stem>.partial.mp4` as one self-contained fragment, flushed before returning. `close()` renames
-    the partial file to `path` (atomic: same directory); `abort()`, or leaving a `with` block by an
-    exception, keeps the partial file, which plays up to the last finished chunk. The audio track is
-    cut with the video (at AAC-packet granularity: it ends < 1024 samples after the last frame); it
-    may be shorter than the video. H.264 yuv420p (libx264, `tune=zerolatency` so that every frame
-    leaves the encoder at once) and AAC. Every chunk costs a keyframe, so very short chunks inflate the
-    file; write several blocks at a time if that matters.
+    `write(frames, audio)` encodes a [T, H, W, 3] uint8 chunk (its first frame forced to an IDR
+    keyframe) and the audio that plays with it, and appends both to `<stem>.partial.mp4` as one
+    self-contained fragment, flushed before returning. The audio is either the whole track given to
+    the constructor (`audio=array`: each chunk muxes samples [n0·sr/fps, (n0+T)·sr/fps)) or arrives
+    chunk by chunk (`audio=True`, `write(frames, samples)`: memory stays flat for any length; the AAC
+    encoder's look-ahead makes each fragment's audio end up to 2048 samples before its video, and
+    `close()` appends the rest). `close()` renames the partial file to `path` (atomic: same
+    directory); `abort()`, or leaving a `with` block by an exception, keeps the partial file, which
+    plays up to the last finished chunk. The audio track is cut with the video (at AAC-packet
+    granularity: it ends < 1024 samples after the last frame); it may be shorter than the video.
+    H.264 yuv420p (libx264, `tune=zerolatency` so that every frame leaves the encoder at once) and AAC.
+    Every chunk costs a keyframe, so very short chunks inflate the file; write several blocks at a
+    time if that matters.
     """
 
     def __init__(self, path: str | os.PathLike, *, width: int, height: int, fps: int = 25,
-                 audio: np.ndarray | None = None, sample_rate: int = SAMPLE_RATE, crf: int = 18,
+                 audio: np.ndarray | bool | None = None, sample_rate: int = SAMPLE_RATE, crf: int = 18,
                  preset: str = "veryfast", audio_bitrate: int = 64000):
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"MP4Writer needs positive even width and height, got {width}x{height}")
+        self._incremental = audio is True
+        if audio is True or audio is False:
+            audio = np.zeros(0, np.float32) if audio else None
         if audio is not None:
             audio = np.asarray(audio, dtype=np.float32)  # no copy for float32 input; clipped per block
             if audio.ndim != 1:
@@ -303,7 +404,8 @@ class MP4Writer:
         self.path = Path(path)
         self.partial_path = self.path.with_name(f"{self.path.stem}.partial.mp4")
         self.width, self.height, self.fps, self.sample_rate = width, height, fps, sample_rate
-        self._audio = audio
+        self._audio = audio  # the track (whole), or the samples not yet encoded (incremental)
+        self._audio_base = 0  # absolute index of _audio[0]
         if self.path.is_dir():
             raise UserError(f"output {str(self.path)!r} is a directory; pass a file name such as out.mp4")
         try:
@@ -340,36 +442,51 @@ class MP4Writer:
 
     # -- audio --------------------------------------------------------------------------------------
 
-    def _audio_packets_until(self, end: int) -> list[av.Packet]:
-        """Encode audio until every packet starting before sample `end` is out; return those packets."""
-        audio = self._audio
+    def _audio_packets_until(self, end: int, final: bool) -> list[av.Packet]:
+        """Encode audio until every packet starting before sample `end` is out, as far as the samples
+        at hand allow (all of them and the encoder's tail when `final`); return those packets."""
         while self._audio_out_end < end and not self._audio_drained:
-            if self._audio_fed < len(audio):
-                block = np.clip(audio[self._audio_fed:self._audio_fed + _AAC_FRAME], -1.0, 1.0)
+            have = self._audio_base + len(self._audio) - self._audio_fed
+            if have >= _AAC_FRAME or (final and have > 0):
+                i = self._audio_fed - self._audio_base
+                block = np.clip(self._audio[i:i + _AAC_FRAME], -1.0, 1.0)
                 frame = av.AudioFrame.from_ndarray(block[None], format="flt", layout="mono")
                 frame.sample_rate, frame.pts = self.sample_rate, self._audio_fed
                 frame.time_base = Fraction(1, self.sample_rate)
                 self._audio_fed += len(block)
                 packets = self._audio_stream.encode(frame)
-            else:
+            elif final:
                 packets = self._audio_stream.encode(None)
                 self._audio_drained = True
+            else:
+                break
             for p in packets:
                 self._audio_out_end = max(self._audio_out_end, p.pts + (p.duration or _AAC_FRAME))
                 # Drop the encoder-priming packet (pts < 0): with it the muxer would shift every track,
                 # since fragmented files carry no edit list. The first 64 ms decode with a short fade-in.
                 if p.pts >= 0:
                     self._audio_pending.append(p)
+        if self._incremental:  # drop the encoded samples
+            self._audio = self._audio[self._audio_fed - self._audio_base:]
+            self._audio_base = self._audio_fed
         out = [p for p in self._audio_pending if p.pts < end]
         del self._audio_pending[:len(out)]
         return out
 
     # -- public API ---------------------------------------------------------------------------------
 
-    def write(self, frames: np.ndarray) -> None:
-        """Append frames [T, H, W, 3] uint8 (RGB) and their audio as one flushed fragment."""
+    def write(self, frames: np.ndarray, audio: np.ndarray | None = None) -> None:
+        """Append frames [T, H, W, 3] uint8 (RGB) and their audio as one flushed fragment (`audio`: the
+        samples that play with these frames, when the writer was made with `audio=True`)."""
         if self._state != "open":
             raise RuntimeError(f"MP4Writer.write after {self._state}")
+        if (audio is not None) != self._incremental:
+            raise ValueError("pass the chunk's audio to write() exactly when the writer was made with audio=True")
+        if audio is not None:
+            audio = np.asarray(audio, dtype=np.float32)
+            if audio.ndim != 1:
+                raise ValueError(f"MP4Writer audio must be mono [N], got shape {audio.shape}")
+            self._audio = np.concatenate([self._audio, audio])
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
             raise ValueError(f"expected uint8 frames [T, {self.height}, {self.width}, 3], "
@@ -388,7 +505,7 @@ class MP4Writer:
                 packets.append(p)
         n1 = n0 + len(frames)
         if self._audio is not None:
-            packets += self._audio_packets_until(n1 * self.sample_rate // self.fps)
+            packets += self._audio_packets_until(n1 * self.sample_rate // self.fps, final=not self._incremental)
         self._write_fragment(packets)
         self.frames_written = n1
 
@@ -423,6 +540,10 @@ class MP4Writer:
         if self.frames_written == 0:
             self.abort()
             raise ValueError("MP4Writer.close with no frames written; nothing to save")
+        if self._incremental:  # the encoder's tail: the audio of the last chunk
+            tail = self._audio_packets_until(self.frames_written * self.sample_rate // self.fps, final=True)
+            if tail:
+                self._write_fragment(tail)
         self._release()
         os.fsync(self._file.fileno())  # the renamed file must not be shorter than the partial one
         self._file.close()

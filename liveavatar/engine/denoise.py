@@ -1,0 +1,149 @@
+"""The denoise stage: one or more consecutive denoising steps of every block, with their caches.
+
+A `DenoiseStage` owns steps [first, first + count) of the sampler: one ring KV cache per step (on the
+device, in FP8 or in host memory, as the runtime configuration places step i) and its own copy of the
+sink cache. It takes a block's latents in and gives them back after its steps; the single-process
+engine chains stages one after another, a pipeline puts each on its own device or process. Its
+inputs besides the latents are the block task (frame start, audio features, rolling-sink distances)
+and the conditioning (text context; reference and motion latents for the sink prefill), and the sink
+refresh arrives as an explicit event (`refresh`).
+
+The orchestration the model does not do lives here: ring slots and active lengths, the RoPE tables
+of the block's tokens and of the rolled sink (computed in host memory, uploaded once per block and
+per distinct distance), and the timesteps (uploaded once per stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from liveavatar.config import DiTConfig
+from liveavatar.engine.sampler import Schedule, euler_step
+from liveavatar.engine.task import BlockTask
+from liveavatar.models.dit import CausalS2VDiT
+from liveavatar.models.layout import SinkLayout
+from liveavatar.models.rope import grid_factors
+from liveavatar.runtime.device import to_device
+from liveavatar.runtime.kv_cache import (
+    BlockAttention,
+    FP8RingKVCache,
+    HostRingKVCache,
+    RingKVCache,
+    SinkCache,
+    SinkPrefill,
+)
+from liveavatar.runtime.memory import RuntimeConfig
+
+
+def ring_position(ring: RingKVCache, frame_start: int, frames: int) -> tuple[int, int]:
+    """(slot, active): where a block at latent frame `frame_start` writes in the ring, and how many ring
+    tokens it attends to (the ring fills up during the first blocks, then wraps)."""
+    start, seg = frame_start * ring.fs, frames * ring.fs
+    slot = start % ring.ring_len
+    if slot + seg > ring.ring_len:
+        raise ValueError("a block does not fit the ring: frames_per_block must divide ring_frames")
+    return slot, (ring.ring_len if start >= ring.ring_len else start + seg)
+
+
+def block_rope(cfg: DiTConfig, layout: SinkLayout, frame_start: int, frames: int, device):
+    """cos/sin [frames·fs, d/2] of a block's tokens at latent frames [frame_start, frame_start + frames)."""
+    h2, w2 = layout.h // cfg.patch_size[1], layout.w // cfg.patch_size[2]
+    cos, sin = grid_factors(range(frame_start, frame_start + frames), range(h2), range(w2), cfg.rope_split)
+    return to_device(cos, device), to_device(sin, device)
+
+
+def sink_rope(cfg: DiTConfig, layout: SinkLayout, frame_start: int, d: int, device):
+    """cos/sin of the sink tokens with the reference frame rolled to position max(30, F0 + d)."""
+    roll = max(0, frame_start - (cfg.sink_ref_pos - d))
+    cos, sin = layout.rope(cfg, cfg.sink_ref_pos + roll)
+    return to_device(cos, device), to_device(sin, device)
+
+
+def block_attention(cfg: DiTConfig, ring: RingKVCache, sink: SinkCache, frame_start: int, d: int,
+                    frames: int, device, rope=None) -> BlockAttention:
+    """The attention context of one block forward (`rope`: the block's tables, if already uploaded)."""
+    slot, active = ring_position(ring, frame_start, frames)
+    rope = rope or block_rope(cfg, sink.layout, frame_start, frames, device)
+    return BlockAttention(ring, sink, rope, sink_rope(cfg, sink.layout, frame_start, d, device), slot, active)
+
+
+def sink_prefill(cfg: DiTConfig, sink: SinkCache, device) -> SinkPrefill:
+    cos, sin = sink.layout.rope(cfg, cfg.sink_ref_pos)
+    return SinkPrefill(sink, (to_device(cos, device), to_device(sin, device)))
+
+
+class DenoiseStage:
+    """Steps `steps` (consecutive indices into `schedule`) of every block, on `device`."""
+
+    def __init__(self, dit: CausalS2VDiT, schedule: Schedule, steps: Sequence[int], layout: SinkLayout,
+                 device, dtype: torch.dtype, runtime: RuntimeConfig | None = None):
+        self.dit, self.schedule, self.steps = dit, schedule, list(steps)
+        if not self.steps or self.steps != list(range(self.steps[0], self.steps[0] + len(self.steps))):
+            raise ValueError(f"a denoise stage owns consecutive steps, got {self.steps}")
+        self.cfg, self.layout, self.device, self.dtype = dit.cfg, layout, torch.device(device), dtype
+        runtime = runtime or RuntimeConfig()
+        n_dev = len(schedule) if runtime.kv_on_device is None else runtime.kv_on_device
+        on_device = FP8RingKVCache if runtime.kv_fp8 else RingKVCache
+        self.rings = {i: (on_device if i < n_dev else HostRingKVCache).allocate(self.cfg, layout.fs, dtype, self.device)
+                      for i in self.steps}
+        self.sink = SinkCache.allocate(self.cfg, layout, dtype, self.device)
+        self.timesteps = torch.tensor(schedule.timesteps, dtype=torch.float32, device=self.device)
+        self.text = self.motion_latents = None
+
+    def start(self, text: torch.Tensor, ref_latent: torch.Tensor, motion_latents: torch.Tensor) -> None:
+        """Take the conditioning and prefill the sink with the reference and motion latents."""
+        self.text = text.to(self.device)
+        self.motion_latents = motion_latents.to(self.device)
+        self.refresh(ref_latent)
+
+    def refresh(self, ref_latent: torch.Tensor) -> None:
+        """The sink (re-)prefill with `ref_latent` [1, C, 1, h, w] as the reference (the sink refresh
+        event carries the first generated latent)."""
+        with torch.no_grad():
+            self.dit.prefill_sink(ref_latent.to(self.device), self.motion_latents, self.text,
+                                  sink_prefill(self.cfg, self.sink, self.device))
+
+    def __call__(self, task: BlockTask, z: torch.Tensor | None = None) -> torch.Tensor:
+        """This stage's steps of `task`; z: [1, C, F, h, w] latents after the previous steps (the task's
+        noise when this stage owns step 0). Returns the latents after the last owned step."""
+        z = to_device(task.noise, self.device) if z is None else z.to(self.device)
+        frames = z.shape[2]
+        audio = to_device(task.audio, self.device)
+        rope = block_rope(self.cfg, self.layout, task.frame_start, frames, self.device)
+        with torch.no_grad():
+            for i in self.steps:
+                ctx = block_attention(self.cfg, self.rings[i], self.sink, task.frame_start, task.distances[i],
+                                      frames, self.device, rope)
+                v = self.dit(z, self.timesteps[i:i + 1], audio, self.text, ctx)
+                z = euler_step(z, v, self.schedule, i)
+        return z
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "sink": self.sink.tensors(),
+                "rings": {i: ring.tensors() for i, ring in self.rings.items()}}
+
+    def load_state_dict(self, state: dict, text: torch.Tensor, motion_latents: torch.Tensor) -> None:
+        if list(state["steps"]) != self.steps:
+            raise ValueError(f"saved stage owns steps {state['steps']}, this one {self.steps}")
+        self.text, self.motion_latents = text.to(self.device), motion_latents.to(self.device)
+        self.sink.load(state["sink"])
+        for i, ring in self.rings.items():
+            ring.load(state["rings"][i])
+
+    @property
+    def device_nbytes(self) -> int:
+        return self.sink.nbytes + sum(r.device_nbytes for r in self.rings.values())
+
+    def close(self) -> None:
+        """Free every cache now (host-staged caches wait for their copies in flight first)."""
+        for ring in self.rings.values():
+            ring.close()
+        self.sink.close()
+        self.rings, self.text, self.motion_latents = {}, None, None
+
+
+__all__ = ["DenoiseStage", "block_attention", "block_rope", "ring_position", "sink_prefill", "sink_rope"]

@@ -1,0 +1,446 @@
+"""A streaming session: the stages of one generation composed by the single-process scheduler.
+
+A session is made from a reference image, a prompt, options and speech (a file, samples, or pushed
+over time). It owns its stages (`liveavatar.engine`): the conditioning (text context, reference and
+motion latents, the audio feature stream), one or more denoise stages (consecutive denoising steps,
+each with its ring caches and its own sink), and the decode stage (VAE and its stream state). For
+every block it asks the task plan for the block's task, sends the sink-refresh event to every denoise
+stage when it is due, runs the stages one after another and turns the decoded frames into a `Chunk`
+(12 frames, 9 for the first block, with the 16 kHz audio that plays with them). Iterating yields the
+chunks; everything else (the CLI, files, servers) consumes that generator.
+
+Semantics follow the official streaming pipeline (4-step Euler with timestep forcing, fresh noise per
+clip, the rolling sink, the sink refresh at clip 1, online VAE decode warmed up on 7 motion latents,
+the first 3 frames dropped); the deliberate differences are listed in docs/design.md.
+
+A session's whole state (next block, stage caches, decoder state, speech position, conditioning) is
+explicit: `save(path)` writes it, `Session.restore` continues it in another process with identical
+output. `close()` (or leaving a `with` block) frees every cache at once.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from liveavatar.engine.audio_features import MODES, AudioWindows
+from liveavatar.engine.conditioning import Conditioning, audio_features, encode_conditioning
+from liveavatar.engine.decode import DecodeStage
+from liveavatar.engine.denoise import DenoiseStage
+from liveavatar.engine.sampler import make_schedule
+from liveavatar.engine.speech import SpeechStream
+from liveavatar.engine.task import DROP_FIRST_FRAMES, StreamLength, TaskPlan, samples_before_block, stream_length
+from liveavatar.errors import UserError
+from liveavatar.io import media
+from liveavatar.models.layout import SinkLayout
+
+STATE_FORMAT = "liveavatar-session"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    size: int = 704 * 384  # area cap in pixels; the output keeps the image aspect, sides multiple of 64
+    infer_frames: int = 48  # video frames per clip (multiple of 12)
+    num_clip: int | None = None  # at most this many clips (None: as many as the audio needs, trimmed to it)
+    seed: int = 42
+    sample_steps: int = 4
+    online_decode: bool = True  # decode each block as soon as it is denoised
+    sink_refresh: bool = True  # re-prefill the sink at clip 1 with the first generated latent
+    # Video frames into the speech where the muxed audio starts: DROP_FIRST_FRAMES keeps each frame
+    # with the audio it was generated from; 0 reproduces the official muxing (video 0.12 s early).
+    audio_offset_frames: int = DROP_FIRST_FRAMES
+    # Denoising steps per denoise stage, in order (e.g. (2, 2)); None: one stage with every step.
+    denoise_stages: tuple[int, ...] | None = None
+    audio_encoding: str = "auto"  # "auto", "one-pass" (official) or "windowed" (see audio_features.py)
+    audio_window: tuple[float, float, float] = (1.0, 5.0, 1.0)  # windowed encoding: window, left, right (s)
+    one_pass_max_seconds: float = 60.0  # "auto": one-pass up to this speech length, windowed beyond
+
+
+def check_options(opts: GenerationOptions) -> None:
+    if opts.infer_frames <= 0 or opts.infer_frames % 12:
+        raise UserError(f"--infer_frames {opts.infer_frames} is not a positive multiple of 12; use 48")
+    if opts.num_clip is not None and opts.num_clip <= 0:
+        raise UserError(f"--num_clip {opts.num_clip} must be at least 1 (or omit it to follow the audio)")
+    if not 0 <= opts.audio_offset_frames <= DROP_FIRST_FRAMES:
+        raise UserError(f"--audio_offset_frames {opts.audio_offset_frames} must be between 0 and {DROP_FIRST_FRAMES}")
+    if opts.sample_steps <= 0:
+        raise UserError(f"--sample_steps {opts.sample_steps} must be at least 1; the distilled model uses 4")
+    if opts.denoise_stages is not None and (sum(opts.denoise_stages) != opts.sample_steps
+                                            or min(opts.denoise_stages, default=0) < 1):
+        raise UserError(f"denoise stages {tuple(opts.denoise_stages)} must split the {opts.sample_steps} "
+                        "denoising steps into parts of at least one step each")
+    if opts.audio_encoding not in MODES:
+        raise UserError(f"--audio_encoding {opts.audio_encoding} is not one of {', '.join(MODES)}")
+    if not opts.one_pass_max_seconds >= 0:
+        raise UserError(f"one_pass_max_seconds {opts.one_pass_max_seconds} must be a non-negative number")
+    AudioWindows(*opts.audio_window).frames(50)
+
+
+@dataclass
+class Chunk:
+    index: int  # block index
+    frame_start: int  # index of the first frame in the output video
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    audio: np.ndarray  # float32 mono samples at 16 kHz that play with these frames
+
+
+@dataclass
+class Inputs:
+    """Validated user inputs, prepared before any model is loaded."""
+
+    ref: torch.Tensor  # [3, H, W] float32 in [-1, 1]
+    height: int
+    width: int
+    speech: media.SpeechFile | np.ndarray | None  # a checked file, 16 kHz samples, or None: pushed later
+
+    @classmethod
+    def load(cls, image: str, audio: str | os.PathLike | np.ndarray | None, opts: GenerationOptions) -> Inputs:
+        check_options(opts)
+        ref, (h, w) = media.load_reference_image(image, opts.size)
+        if audio is not None and not isinstance(audio, np.ndarray):
+            audio = media.open_speech(audio)  # decoded once, block by block: checked, not kept
+        return cls(ref, h, w, audio)
+
+    @property
+    def silent(self) -> bool:
+        if isinstance(self.speech, media.SpeechFile):
+            return self.speech.silent
+        return self.speech is not None and media.audio_is_silent(self.speech)
+
+
+def speech_stream(audio: media.SpeechFile | np.ndarray | None, start: int = 0) -> SpeechStream:
+    """The stream a session reads its speech from, from 16 kHz sample `start` on: a file is decoded
+    as far as the session needs it, samples are there at once, None waits for pushes."""
+    if isinstance(audio, media.SpeechFile):
+        return SpeechStream(audio.chunks(start), total=audio.num_samples)
+    stream = SpeechStream()
+    if audio is not None:
+        stream.push(np.asarray(audio)[start:])
+        stream.end()
+    return stream
+
+
+class Session:
+    """State of one generation; iterate it (or `poll()` it) to get `Chunk`s."""
+
+    def __init__(self, pipe, height: int, width: int, opts: GenerationOptions, speech: SpeechStream):
+        """Stages and caches of a generation, not yet conditioned: use `Pipeline.session` (or
+        `Session.restore`)."""
+        check_options(opts)
+        cfg = pipe.preset.dit
+        self.pipe, self.opts, self.height, self.width, self.speech = pipe, opts, height, width, speech
+        self.fps, self.sr = pipe.preset.fps, media.SAMPLE_RATE
+        self.frames_per_block = 4 * cfg.frames_per_block  # video frames
+        self.blocks_per_clip = opts.infer_frames // self.frames_per_block
+        self.schedule = make_schedule(pipe.preset.sampler, opts.sample_steps)
+        h, w = height // 8, width // 8
+        self.layout = SinkLayout(h, w, cfg.zip_frame_buckets)
+        self.plan = TaskPlan(opts.seed, len(self.schedule), (cfg.in_dim, h, w), pipe.dtype, cfg.frames_per_block,
+                             self.blocks_per_clip, cfg.rsfm_d_range, opts.sink_refresh)
+        self.features = audio_features(pipe, speech, opts.audio_encoding, AudioWindows(*opts.audio_window),
+                                       opts.one_pass_max_seconds)
+        parts = opts.denoise_stages or (len(self.schedule),)
+        firsts = np.cumsum((0, *parts[:-1])).tolist()
+        self.denoise = [DenoiseStage(pipe.dit, self.schedule, range(a, a + k), self.layout, pipe.device, pipe.dtype,
+                                     pipe.runtime) for a, k in zip(firsts, parts, strict=True)]
+        self.decode = DecodeStage(pipe.vae, pipe.device)
+        self.cond: Conditioning | None = None
+        self.next_block = 0  # the next block to generate
+        self.emitted = 0  # output frames given out so far
+        self.first_latent: torch.Tensor | None = None  # block 0's first clean latent (the sink refresh)
+        self.decode_started = False
+        self._latents: list[torch.Tensor] = []  # offline decode: clean latents not decoded yet
+        self.closed = False
+
+    @classmethod
+    def create(cls, pipe, inputs: Inputs, prompt: str, opts: GenerationOptions) -> Session:
+        """Encode the conditioning, prefill every denoise stage's sink: a session at block 0."""
+        session = cls(pipe, inputs.height, inputs.width, opts, speech_stream(inputs.speech))
+        session.cond = encode_conditioning(pipe, inputs.ref, prompt)
+        for stage in session.denoise:
+            stage.start(session.cond.text, session.cond.ref_latent, session.cond.motion_latents)
+        return session
+
+    # -- speech ------------------------------------------------------------------------------------
+
+    def push_audio(self, samples) -> None:
+        """Append 16 kHz mono speech samples (any length) to a session made without audio."""
+        self.speech.push(samples)
+
+    def end_audio(self) -> None:
+        """The speech is complete: the video ends with it."""
+        self.speech.end()
+
+    @property
+    def audio_position(self) -> int:
+        """16 kHz samples of speech received so far (a restored pushed session continues from here)."""
+        return self.speech.arrived
+
+    # -- length ------------------------------------------------------------------------------------
+
+    @property
+    def length(self) -> StreamLength | None:
+        """Clips, blocks and frames of the whole video, once the speech length is known."""
+        total = self.speech.total
+        if total is None:
+            return None
+        return stream_length(total, self.opts.infer_frames, self.opts.num_clip, self.fps,
+                             self.pipe.preset.dit.frames_per_block, self.sr)
+
+    @property
+    def num_frames(self) -> int | None:
+        return None if self.length is None else self.length.num_frames
+
+    @property
+    def num_blocks(self) -> int | None:
+        return None if self.length is None else self.length.num_blocks
+
+    @property
+    def num_clips(self) -> int | None:
+        return None if self.length is None else self.length.num_clips
+
+    @property
+    def done(self) -> bool:
+        return self._exists(self.next_block) is False
+
+    def _exists(self, n: int) -> bool | None:
+        """Whether block n is part of the video (None: not known until more speech arrives)."""
+        if self.opts.num_clip is not None and n >= self.opts.num_clip * self.blocks_per_clip:
+            return False
+        if n == 0:
+            return True
+        threshold = samples_before_block(n, self.fps, self.pipe.preset.dit.frames_per_block, self.sr)
+        if not self.speech.have(threshold + 1):
+            return None
+        return n < self.length.num_blocks if self.length is not None else True
+
+    def _mux_start(self, frame: int) -> int:
+        """Speech sample that plays with output frame `frame`."""
+        return self.opts.audio_offset_frames * self.sr // self.fps + frame * self.sr // self.fps
+
+    def _ready(self, n: int) -> bool:
+        """Block n's audio features and muxed audio can be computed now."""
+        end = self.frames_per_block * (n + 1)
+        return (self.features.ready(end)
+                and self.speech.have(self._mux_start(end - DROP_FIRST_FRAMES)))
+
+    # -- the scheduler -----------------------------------------------------------------------------
+
+    def _wait_ready(self, wait: bool) -> bool | None:
+        """Wait (if `wait`) until the next block can run: True to run it, False when the video is over,
+        None when more speech is needed and `wait` is off."""
+        n = self.next_block
+        while True:
+            exists = self._exists(n)
+            if exists is False:
+                return False
+            if exists and self._ready(n):
+                return True
+            if not wait:
+                return None
+            self.speech.wait(timeout=1.0)
+
+    def _denoise_next(self) -> torch.Tensor:
+        """Run every denoise stage on the next block; returns its clean latents [1, C, F, h, w]."""
+        n = self.next_block
+        task = self.plan.task(n, self.features.frames(self.frames_per_block * n, self.frames_per_block * (n + 1)))
+        if task.refresh_sink:
+            for stage in self.denoise:
+                stage.refresh(self.first_latent)
+        z = None
+        for stage in self.denoise:
+            z = stage(task, z)
+        if n == 0:
+            self.first_latent = z[:, :, :1].clone()
+        self.next_block += 1
+        return z
+
+    def _decode(self, n: int, z: torch.Tensor) -> Chunk | None:
+        """Decode block n's latents into its chunk (None when it adds no frame to the video)."""
+        if not self.decode_started:
+            self.decode.start(self.cond.motion_latents)
+            self.decode_started = True
+        frames = self.decode(z)
+        if n == 0:
+            frames = frames[DROP_FIRST_FRAMES:]
+        limit = self._frame_limit()
+        if limit is not None:
+            frames = frames[: max(0, limit - self.emitted)]
+        if len(frames) == 0:
+            return None
+        e0, e1 = self.emitted, self.emitted + len(frames)
+        chunk = Chunk(n, e0, frames, self.speech.read(self._mux_start(e0), self._mux_start(e1)))
+        self.emitted = e1
+        return chunk
+
+    def _frame_limit(self) -> int | None:
+        if self.length is not None:
+            return self.length.num_frames
+        if self.opts.num_clip is not None:
+            return self.opts.num_clip * self.opts.infer_frames - DROP_FIRST_FRAMES
+        return None
+
+    def _release(self) -> None:
+        self.speech.release(min(self.features.keep_from(), self._mux_start(self.emitted)))
+
+    def _chunks(self, wait: bool) -> Iterator[Chunk]:
+        self._check_open()
+        if not self.opts.online_decode:  # every latent first, then the decode (same frames)
+            while (ready := self._wait_ready(wait)) is True:
+                self._latents.append(self._denoise_next())
+            if ready is None:
+                return
+            first = self.next_block - len(self._latents)
+            while self._latents:
+                chunk = self._decode(first, self._latents.pop(0))
+                first += 1
+                if chunk is not None:
+                    yield chunk
+            return
+        while self._wait_ready(wait):
+            n = self.next_block
+            chunk = self._decode(n, self._denoise_next())
+            self._release()
+            if chunk is not None:
+                yield chunk
+
+    def __iter__(self) -> Iterator[Chunk]:
+        """Every remaining chunk. A pushed session blocks until its speech arrives (push from another
+        thread) and ends when `end_audio()` was called and the video is complete."""
+        return self._chunks(wait=True)
+
+    def poll(self) -> Iterator[Chunk]:
+        """The chunks that the speech received so far allows, without waiting for more."""
+        return self._chunks(wait=False)
+
+    def latents(self, wait: bool = True) -> Iterator[torch.Tensor]:
+        """Clean latents block by block, [1, C, F, h, w], without decoding (benchmarks and tests; the
+        session cannot decode afterwards). With `wait` off, stops where more speech is needed."""
+        self._check_open()
+        while self._wait_ready(wait):
+            yield self._denoise_next()
+            self._release()
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the session is closed")
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue this session elsewhere: tensors and plain values only."""
+        self._check_open()
+        if self._latents:
+            raise UserError("a session decoding offline cannot be saved mid-way; use online decode")
+        speech = self.speech.state_dict()
+        speech["samples"] = torch.from_numpy(speech["samples"])
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "preset": self.pipe.preset.name,
+            "dtype": str(self.pipe.dtype).removeprefix("torch."), "height": self.height, "width": self.width,
+            "options": asdict(self.opts), "next_block": self.next_block, "emitted": self.emitted,
+            "first_latent": self.first_latent, "decode_started": self.decode_started,
+            "conditioning": self.cond.tensors(), "speech": speech, "features": self.features.state_dict(),
+            "denoise": [stage.state_dict() for stage in self.denoise], "decode": self.decode.state_dict(),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the state to `path` atomically (a temporary file in the same folder, then a rename)."""
+        path = Path(path)
+        state = self.state_dict()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def restore(cls, pipe, state: dict | str | os.PathLike,
+                audio: str | os.PathLike | media.SpeechFile | np.ndarray | None = None) -> Session:
+        """Continue a saved session with the same pipeline (preset and dtype). `audio` is the session's
+        speech again: a file (read on from where the session was), all samples, or None to push the
+        rest (from `audio_position` on)."""
+        if not isinstance(state, dict):
+            try:
+                state = torch.load(state, map_location="cpu", weights_only=True)
+            except Exception as exc:  # unreadable, truncated, not a torch file, or holding other objects
+                reason = " ".join(str(exc).split())[:200]
+                raise UserError(f"cannot read the session state {str(state)!r} ({type(exc).__name__}: {reason}); "
+                                "it must be a file written by Session.save") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise UserError("the file is not a session state of this version of liveavatar; start the session anew")
+        dtype = str(pipe.dtype).removeprefix("torch.")
+        if (state["preset"], state["dtype"]) != (pipe.preset.name, dtype):
+            raise UserError(f"the session state was made with preset {state['preset']} in {state['dtype']}, this "
+                            f"pipeline is {pipe.preset.name} in {dtype}; load the same model")
+        names = {f.name for f in fields(GenerationOptions)}
+        opts = GenerationOptions(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in state["options"].items() if k in names})
+        if isinstance(audio, (str, os.PathLike)):
+            audio = media.open_speech(audio)
+        arrived = int(state["speech"]["arrived"])
+        stream = speech_stream(audio if isinstance(audio, media.SpeechFile) else None, start=arrived)
+        speech = dict(state["speech"], samples=state["speech"]["samples"].numpy())
+        stream.load_state_dict(speech)
+        if isinstance(audio, np.ndarray) and not stream.eos:
+            stream.push(audio[arrived:])
+            stream.end()
+        session = cls(pipe, int(state["height"]), int(state["width"]), opts, stream)
+        cond = state["conditioning"]
+        session.cond = Conditioning(*(cond[k].to(pipe.device) for k in ("text", "ref_latent", "motion_latents")))
+        session.next_block, session.emitted = int(state["next_block"]), int(state["emitted"])
+        session.first_latent = state["first_latent"]
+        if session.first_latent is not None:
+            session.first_latent = session.first_latent.to(pipe.device)
+        session.decode_started = bool(state["decode_started"])
+        session.features.load_state_dict(state["features"])
+        if len(state["denoise"]) != len(session.denoise):
+            raise UserError("the session state has another split of denoise stages than its options")
+        for stage, st in zip(session.denoise, state["denoise"], strict=True):
+            stage.load_state_dict(st, session.cond.text, session.cond.motion_latents)
+        session.decode.load_state_dict(state["decode"])
+        return session
+
+    def close(self) -> None:
+        """Free every cache now; pending copies on side streams are waited for first."""
+        if self.closed:
+            return
+        for stage in self.denoise:
+            stage.close()
+        self.decode.close()
+        self.cond, self.first_latent, self._latents = None, None, []
+        self.closed = True
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def muxed_audio(wave: np.ndarray, num_frames: int, fps: int = 25, offset_frames: int = DROP_FIRST_FRAMES
+                ) -> np.ndarray:
+    """The audio that plays with output frames [0, num_frames) of a whole speech `wave`: starts
+    `offset_frames` frames into it, zero-padded to the video length."""
+    sr = media.SAMPLE_RATE
+    a0 = offset_frames * sr // fps
+    a1 = (offset_frames + num_frames) * sr // fps
+    out = np.zeros(a1 - a0, np.float32)
+    seg = wave[a0:a1]
+    out[: len(seg)] = seg
+    return out
+
+
+__all__ = ["Chunk", "GenerationOptions", "Inputs", "Session", "check_options", "muxed_audio", "speech_stream"]
