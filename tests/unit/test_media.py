@@ -357,6 +357,24 @@ def test_mp4_writer_chunks_audio_sync(tmp_path):
         assert abs(int(np.argmax(np.abs(xc))) - (4800 - 1)) <= 2
 
 
+def test_mp4_writer_takes_audio_chunk_by_chunk(tmp_path):
+    out = tmp_path / "inc.mp4"
+    audio = _speech_like(2.0)
+    with media.MP4Writer(out, width=W, height=H, fps=25, audio=True) as w:
+        for k in range(3):
+            w.write(_frames(12 * k, 12), audio[12 * k * 640:12 * (k + 1) * 640])
+        with pytest.raises(ValueError, match="audio=True"):
+            w.write(_frames(36, 1))
+    kinds, frames, dec = _decode(out)
+    assert kinds == ["audio", "video"] and len(frames) == 36
+    assert 36 * 640 <= len(dec) < 36 * 640 + 1024  # the encoder's tail came with close()
+    for t0 in (0.30, 0.77, 1.21):
+        i = int(t0 * SR)
+        seg = slice(i - 2000, i + 2800)
+        xc = np.correlate(dec[seg], audio[seg], mode="full")
+        assert abs(int(np.argmax(np.abs(xc))) - (4800 - 1)) <= 2
+
+
 def test_mp4_writer_short_audio_and_video_only(tmp_path):
     p = tmp_path / "short.mp4"
     with media.MP4Writer(p, width=W, height=H, audio=np.full(SR // 2, 0.1, np.float32)) as w:
