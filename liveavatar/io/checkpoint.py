@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 import struct
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -70,7 +71,10 @@ _ST_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-_ST_MAX_HEADER = 100 << 20  # larger "headers" mean the file is not safetensors
+_ST_MAX_HEADER = 100_000_000  # the safetensors library's own limit; larger "headers" mean not safetensors
+_ST_MAX_ELEMENTS = 2**62  # a shape whose nonzero dims multiply past this is impossible (torch sizes are int64)
+_MAX_JSON_BYTES = 64 << 20  # config.json and the index are kilobytes; larger files are not them
+_MAX_NAME_BYTES = 255  # longest file name of common file systems
 _MAP_CHUNK_BYTES = 32 << 20  # file bytes mapped at once when tensors are cast or moved while loading
 _SHOW = 5  # names listed per kind of problem in one-line errors
 
@@ -94,7 +98,7 @@ class CkptPaths:
 
 def ckpt_paths(ckpt_dir: str | Path) -> CkptPaths:
     root = Path(ckpt_dir)
-    if not root.is_dir():
+    if not _is_dir(root):
         raise UserError(f"checkpoint folder {root} does not exist; pass --ckpt_dir pointing at "
                         f"Wan2.2-S2V-14B/")
     return CkptPaths(root, root / DIT_CONFIG, root / DIT_INDEX, root / T5_FILE, root / VAE_FILE,
@@ -142,6 +146,73 @@ def _summarize(problems: Sequence[str]) -> str:
     return f"{len(problems)} problem(s): {head}{more}"
 
 
+def _dtype_problems(found: dict[str, TensorMeta]) -> list[str]:
+    """Tensors the models cannot hold: every weight of every model is floating point."""
+    return [f"tensor {k} has dtype {_dtype_name(m.dtype)}, expected a floating dtype"
+            for k, m in found.items() if not m.dtype.is_floating_point]
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. a name too long for the file system
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted text: JSON files and headers, names and values quoted in messages
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    """repr of a value read from a file, cut to `limit` characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reason(exc: BaseException, limit: int = 160) -> str:
+    """`Type: first words of the message` of a library exception, printable and short."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in str(exc)).split())
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
+
+
+def _json_type(value: object) -> str:
+    kinds = ((bool, "boolean"), (int | float, "number"), (str, "string"), (list, "list"), (dict, "object"))
+    return next((name for cls, name in kinds if isinstance(value, cls)), "null")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _parse_json(data: bytes, subject: str) -> object:
+    """`data` as strict JSON (UTF-8, no NaN/Infinity, no lone surrogates, as the safetensors library
+    reads it); otherwise a UserError '<subject> is not valid UTF-8/JSON (...); re-download it'."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{subject} is not valid UTF-8 text (bad byte at {exc.start}); re-download it") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # lone surrogates (\ud800) are not text
+    except RecursionError:
+        raise UserError(f"{subject} is not valid JSON (nested too deeply); re-download it") from None
+    except ValueError as exc:
+        raise UserError(f"{subject} is not valid JSON ({_reason(exc)}); re-download it") from None
+    return value
+
+
+def _read_json_file(path: Path) -> object:
+    """A small JSON file (config.json, the shard index) parsed strictly; UserError if unreadable."""
+    try:
+        size = path.stat().st_size
+        if size > _MAX_JSON_BYTES:
+            raise UserError(f"{path} is {size} bytes, far too large for this file; re-download it")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read ({_reason(exc)}); check the file and its permissions") from None
+    return _parse_json(data, str(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # File headers: safetensors and torch.save zips
 
@@ -149,59 +220,120 @@ def _summarize(problems: Sequence[str]) -> str:
 def read_safetensors_header(path: str | Path) -> dict[str, TensorMeta]:
     """Tensor metadata of a safetensors file from its header (8-byte little-endian length + JSON).
 
-    Raises UserError if the file is not safetensors, or is shorter than its header says (truncated)."""
+    The header is checked as strictly as the safetensors library reads it: a JSON object of tensor
+    entries (dtype, shape, data_offsets) and an optional `__metadata__` of strings, tensors laid end to
+    end over exactly the rest of the file. Raises UserError naming the file and the first problem
+    (truncated, not safetensors, bad entry, overlapping or missing bytes)."""
     path = Path(path)
-    size = path.stat().st_size
-    redownload = "re-download it"
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise UserError(f"{path} is truncated ({size} bytes, no safetensors header); {redownload}")
-        n = struct.unpack("<Q", raw)[0]
-        if n > _ST_MAX_HEADER:
-            raise UserError(f"{path} is not a safetensors file (header length {n}); {redownload}")
-        if 8 + n > size:
-            raise UserError(f"{path} is truncated ({size} bytes, header needs {8 + n}); {redownload}")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError as exc:
-            raise UserError(f"{path} has an unreadable safetensors header ({exc}); {redownload}") from exc
-    header.pop("__metadata__", None)
-    metas, end = {}, 0
+    size, n, header = _st_header_json(path)
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: the safetensors header is a JSON {_json_type(header)}, not an object of "
+                        f"tensors; re-download it")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise UserError(f"{path}: the safetensors __metadata__ is not a mapping of strings to strings; "
+                        f"re-download it")
+    metas, spans = {}, []
     for name, entry in header.items():
-        dtype = _ST_DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}; "
-                            f"{redownload}")
-        meta = TensorMeta(tuple(int(d) for d in entry["shape"]), dtype)
-        start, stop = (int(o) for o in entry["data_offsets"])
-        if stop - start != meta.nbytes:
-            raise UserError(f"{path}: tensor {name} spans {stop - start} bytes but {_shape(meta.shape)} "
-                            f"{_dtype_name(dtype)} needs {meta.nbytes}; {redownload}")
-        metas[name] = meta
-        end = max(end, stop)
-    if 8 + n + end > size:
-        raise UserError(f"{path} is truncated: {size} bytes on disk, its header describes {8 + n + end}; "
-                        f"{redownload}")
+        metas[name], span = _st_entry(path, name, entry)
+        spans.append((span, name))
+    _st_layout(path, size, 8 + n, spans)
     return metas
+
+
+def _st_header_json(path: Path) -> tuple[int, int, object]:
+    """(file size, header length, parsed header); the declared length is checked before it is read."""
+    redownload = "re-download it"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise UserError(f"{path} is truncated ({size} bytes, no safetensors header); {redownload}")
+            n = struct.unpack("<Q", raw)[0]
+            if n > _ST_MAX_HEADER:
+                raise UserError(f"{path} is not a safetensors file (header length {n}); {redownload}")
+            if 8 + n > size:
+                raise UserError(f"{path} is truncated ({size} bytes, header needs {8 + n}); {redownload}")
+            data = fh.read(n)
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read ({_reason(exc)}); check the file and its permissions") from None
+    return size, n, _parse_json(data, f"{path}: the safetensors header")
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _st_entry(path: Path, name: str, entry: object) -> tuple[TensorMeta, tuple[int, int]]:
+    """(metadata, (start, stop) in the data section) of one header entry, or a UserError naming it."""
+    def bad(problem: str) -> UserError:
+        return UserError(f"{path}: tensor {name} {problem}; re-download it")
+
+    if not name.isprintable():
+        raise UserError(f"{path}: the safetensors header names a tensor {_brief(name)} with control "
+                        f"characters; re-download it")
+    if not isinstance(entry, dict):
+        raise bad(f"is described by a JSON {_json_type(entry)}, not an object")
+    missing = [f for f in ("dtype", "shape", "data_offsets") if f not in entry]
+    if missing:
+        raise bad(f"has no {' or '.join(missing)} in the header")
+    dtype = _ST_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise bad(f"has unsupported dtype {_brief(entry['dtype'])}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"has shape {_brief(shape)}, not a list of non-negative integers")
+    if not _shape_fits(shape):
+        raise bad(f"has the impossible shape {_brief(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise bad(f"has data_offsets {_brief(offsets)}, not two non-negative integers")
+    start, stop = offsets
+    meta = TensorMeta(tuple(shape), dtype)
+    if stop - start != meta.nbytes:
+        raise bad(f"spans {stop - start} bytes but {_shape(meta.shape)} {_dtype_name(dtype)} needs {meta.nbytes}")
+    return meta, (start, stop)
+
+
+def _shape_fits(shape: list[int]) -> bool:
+    count = 1
+    for d in shape:
+        count *= max(d, 1)
+        if count > _ST_MAX_ELEMENTS:
+            return False
+    return True
+
+
+def _st_layout(path: Path, size: int, data_start: int, spans: list[tuple[tuple[int, int], str]]) -> None:
+    """Tensors must lie end to end from the start of the data to the end of the file, as the
+    safetensors library requires: past the end is truncation, anything else a damaged header."""
+    end = max((stop for (_, stop), _ in spans), default=0)
+    if data_start + end > size:
+        raise UserError(f"{path} is truncated: {size} bytes on disk, its header describes {data_start + end}; "
+                        f"re-download it")
+    pos = 0
+    for (start, stop), name in sorted(spans):
+        if start != pos:
+            how = "overlaps the tensor before it" if start < pos else f"leaves {start - pos} unused bytes before it"
+            raise UserError(f"{path}: tensor {name} starts at data byte {start} and {how}; re-download it")
+        pos = stop
+    if data_start + pos != size:
+        raise UserError(f"{path} has {size - data_start - pos} bytes after its last tensor that its header does "
+                        f"not describe; re-download it")
 
 
 def read_pth_metadata(path: str | Path) -> dict[str, TensorMeta]:
     """Tensor metadata of a `torch.save` zip without reading tensor data.
 
-    The pickle is loaded onto the meta device; each storage's record in the zip must be stored
-    uncompressed, have exactly the storage's byte size and lie inside the file. A truncated file
-    (the zip directory sits at its end) fails to open and is reported as such."""
+    The file must be a torch zip (not empty, not the legacy format, not another zip); its pickle is
+    loaded onto the meta device with `weights_only=True`, so a file holding Python objects or code
+    besides tensors is refused, not run. It must be a mapping of names to dense tensors, and each
+    storage's record in the zip must be stored uncompressed, have exactly the storage's byte size
+    and lie inside the file. A truncated file (the zip directory sits at its end) is reported as such."""
     path = Path(path)
-    redownload = "re-download it"
-    try:
-        sd = torch.load(path, map_location="meta", weights_only=True)
-    except Exception as exc:  # torch reports a bad zip with RuntimeError, a bad pickle with others
-        reason = " ".join(str(exc).split())[:160]
-        raise UserError(f"{path} cannot be opened as a torch checkpoint, it is probably truncated or "
-                        f"corrupt ({type(exc).__name__}: {reason}); {redownload}") from exc
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{path} does not hold a state dict (name -> tensor); {redownload}")
+    _check_torch_zip(path)
+    sd = _load_on_meta(path)
+    _check_state_dict(path, sd)
     size = path.stat().st_size
     records = _zip_data_records(path)
     for name, t in sd.items():
@@ -209,27 +341,95 @@ def read_pth_metadata(path: str | Path) -> dict[str, TensorMeta]:
         offset = getattr(storage, "_checkpoint_offset", None)
         rec = records.get(offset)
         if rec is None:
-            raise UserError(f"{path}: the data record of tensor {name} is missing from the zip; {redownload}")
+            raise UserError(f"{path}: the data record of tensor {name} is missing from the zip; re-download it")
         rec_size, compressed = rec
         if compressed or rec_size != storage.nbytes() or offset + rec_size > size:
             raise UserError(f"{path}: the data record of tensor {name} is damaged ({rec_size} bytes stored, "
-                            f"{storage.nbytes()} expected); {redownload}")
+                            f"{storage.nbytes()} expected); re-download it")
     return {k: TensorMeta(tuple(t.shape), t.dtype) for k, t in sd.items()}
+
+
+def _check_torch_zip(path: Path) -> None:
+    """A UserError unless `path` is a zip archive in the layout of `torch.save` (`<name>/data.pkl`)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else None
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read ({_reason(exc)}); check the file and its permissions") from None
+    except Exception as exc:  # zipfile reports a damaged directory with several exception types
+        raise UserError(f"{path} cannot be opened as a torch checkpoint, it is probably truncated or corrupt "
+                        f"({_reason(exc)}); re-download it") from None
+    if size == 0:
+        raise UserError(f"{path} is empty (0 bytes); re-download it")
+    if names is None and head.startswith(b"PK\x03\x04"):
+        raise UserError(f"{path} cannot be opened as a torch checkpoint, it is probably truncated or corrupt "
+                        f"(the zip directory at its end is missing); re-download it")
+    if names is None and head.startswith(b"\x80"):
+        raise UserError(f"{path} is in the legacy (non-zip) torch.save format, which is not supported; "
+                        f"re-download the official file")
+    if names is None:
+        raise UserError(f"{path} is not a torch checkpoint (a torch.save zip archive); re-download it")
+    if not any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names):
+        raise UserError(f"{path} is a zip archive but not a torch checkpoint (no <name>/data.pkl in it); "
+                        f"re-download it")
+
+
+_PICKLED_OBJECT = re.compile(r"GLOBAL ([\w.]+)|unrecognized function|new object|is blocked|must be imported")
+
+
+def _load_on_meta(path: Path) -> object:
+    """The pickle of a torch zip on the meta device, loaded with `weights_only=True` (no code runs)."""
+    try:
+        return torch.load(path, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text here advises unsafe loading: not shown
+        m = _PICKLED_OBJECT.search(str(exc))
+        if m is None:
+            raise UserError(f"{path} cannot be opened as a torch checkpoint, its pickle is damaged; "
+                            f"re-download it") from None
+        what = f" ({m[1]})" if m[1] else ""
+        raise UserError(f"{path} holds Python code or objects besides tensors{what}, which are not loaded "
+                        f"(only plain tensors are read from checkpoints); re-download the official file") from None
+    except Exception as exc:  # torch reports a bad zip with RuntimeError, a bad pickle with others
+        raise UserError(f"{path} cannot be opened as a torch checkpoint, it is probably truncated or corrupt "
+                        f"({_reason(exc)}); re-download it") from None
+
+
+def _check_state_dict(path: Path, sd: object) -> None:
+    """A UserError unless `sd` maps printable names to dense tensors."""
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} does not hold a state dict (name -> tensor) but a {type(sd).__name__}; "
+                        f"re-download it")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not k.isprintable():
+            raise UserError(f"{path} does not hold a state dict (name -> tensor): key {_brief(k)} is not a "
+                            f"tensor name; re-download it")
+        if not isinstance(v, torch.Tensor):
+            raise UserError(f"{path} does not hold a state dict (name -> tensor): {k} is a "
+                            f"{type(v).__name__}; re-download it")
+        if v.layout != torch.strided or v.is_quantized:
+            raise UserError(f"{path}: tensor {k} is not a dense tensor ({v.layout}); re-download it")
 
 
 def _zip_data_records(path: Path) -> dict[int, tuple[int, bool]]:
     """Data offset -> (stored size, compressed) for every `<archive>/data/<key>` record of a torch zip."""
     out = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
-        for info in zf.infolist():
-            parts = info.filename.split("/")
-            if len(parts) != 3 or parts[1] != "data":
-                continue
-            fh.seek(info.header_offset)
-            local = fh.read(30)  # local file header; name and extra lengths at bytes 26..30
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            start = info.header_offset + 30 + name_len + extra_len
-            out[start] = (info.file_size, info.compress_type != zipfile.ZIP_STORED)
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+            for info in zf.infolist():
+                parts = info.filename.split("/")
+                if len(parts) != 3 or parts[1] != "data":
+                    continue
+                fh.seek(info.header_offset)
+                local = fh.read(30)  # local file header; name and extra lengths at bytes 26..30
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                start = info.header_offset + 30 + name_len + extra_len
+                out[start] = (info.file_size, info.compress_type != zipfile.ZIP_STORED)
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read ({_reason(exc)}); check the file and its permissions") from None
+    except Exception as exc:  # a damaged zip directory or local header
+        raise UserError(f"{path} has a damaged zip directory ({_reason(exc)}); re-download it") from None
     return out
 
 
@@ -237,53 +437,112 @@ def _zip_data_records(path: Path) -> dict[int, tuple[int, bool]]:
 # DiT config and file layout
 
 
+class ConfigMismatch(UserError):
+    """config.json is readable but describes another model than the preset."""
+
+
 def read_dit_config(ckpt_dir: str | Path, expected: DiTConfig | None = None) -> DiTConfig:
-    """DiTConfig from `<ckpt_dir>/config.json`, checked field by field against the preset's config."""
+    """DiTConfig from `<ckpt_dir>/config.json`, checked field by field against the preset's config.
+
+    An unreadable file, or one that is not a JSON object or has fields of the wrong type, raises
+    UserError; a readable one that describes another model raises its subclass ConfigMismatch."""
     expected = DiTConfig() if expected is None else expected
     path = Path(ckpt_dir) / DIT_CONFIG
     if not path.is_file():
         raise UserError(f"{path} does not exist; --ckpt_dir must point at the Wan2.2-S2V-14B folder")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); re-download it") from exc
+    raw = _read_json_file(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} holds a JSON {_json_type(raw)}, not an object of model settings; re-download it")
     values, diffs = {}, []
     for name in _DIT_CONFIG_FIELDS:
         if name not in raw:
             continue
         want = getattr(expected, name)
+        _check_config_type(path, name, raw[name], want)
         got = tuple(raw[name]) if isinstance(want, tuple) else raw[name]
         if got != want:
-            diffs.append(f"{name}={raw[name]!r} (preset: {want!r})")
+            diffs.append(f"{name}={_brief(raw[name])} (preset: {want!r})")
         values[name] = got
     if diffs:
-        raise UserError(f"{path} does not match the preset: {', '.join(diffs)}; "
-                        f"pass the --preset that matches this checkpoint")
+        raise ConfigMismatch(f"{path} does not match the preset: {', '.join(diffs)}; "
+                             f"pass the --preset that matches this checkpoint")
     for name, want in _DIT_CONFIG_FIXED.items():
         if name in raw and raw[name] != want:
-            raise UserError(f"{path} sets {name}={raw[name]!r}, but only {want!r} (the Wan2.2-S2V-14B model) "
-                            f"is implemented; use the Wan2.2-S2V-14B checkpoint")
+            raise ConfigMismatch(f"{path} sets {name}={_brief(raw[name])}, but only {want!r} (the Wan2.2-S2V-14B "
+                                 f"model) is implemented; use the Wan2.2-S2V-14B checkpoint")
     return replace(expected, **values)
+
+
+def _check_config_type(path: Path, name: str, value: object, want: object) -> None:
+    """A UserError unless `value` (from config.json) has the JSON type of the preset's `want`."""
+    def integer(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if isinstance(want, tuple):
+        ok, kind = isinstance(value, list) and all(integer(v) for v in value), "a list of integers"
+    elif isinstance(want, float):
+        ok, kind = integer(value) or isinstance(value, float), "a number"
+    else:
+        ok, kind = integer(value), "an integer"
+    if not ok:
+        raise UserError(f"{path} sets {name}={_brief(value)}, which is not {kind}; re-download it")
 
 
 def _dit_layout(root: Path) -> tuple[dict[Path, list[str] | None], list[str], list[str]]:
     """(shard -> keys the index places there (None: read the header), files used, problems)."""
     index, single = root / DIT_INDEX, root / DIT_SINGLE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            return {}, [DIT_INDEX], [f"{index} is not a safetensors index ({exc!r}); re-download it"]
+        weight_map, problems = _read_index(index)
         shards: dict[Path, list[str]] = {}
         for key, fname in weight_map.items():
             shards.setdefault(root / fname, []).append(key)
-        problems = [f"missing shard {p.name} (the index places {len(keys)} tensors there, e.g. {keys[0]})"
-                    for p, keys in shards.items() if not p.is_file()]
+        problems += [f"missing shard {p.name} (the index places {len(keys)} tensors there, e.g. {keys[0]})"
+                     for p, keys in shards.items() if not p.is_file()]
         files = [DIT_INDEX] + sorted(p.name for p in shards)
         return {p: k for p, k in sorted(shards.items())}, files, problems
     if single.is_file():
         return {single: None}, [DIT_SINGLE], []
     return {}, [], [f"no DiT weights in {root}: expected {DIT_INDEX} with its shards, or {DIT_SINGLE}"]
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], list[str]]:
+    """The index's weight_map (tensor -> shard file name), or {} and the problems that make it unusable;
+    every entry must name a plain file inside the checkpoint folder."""
+    try:
+        raw = _read_json_file(index)
+    except UserError as exc:
+        return {}, [str(exc)]
+    if not isinstance(raw, dict):
+        return {}, [f"{index} is not a safetensors index (a JSON {_json_type(raw)}, not an object); re-download it"]
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict):
+        what = f"a weight_map that is a JSON {_json_type(weight_map)}" if "weight_map" in raw else "no weight_map"
+        return {}, [f"{index} is not a safetensors index: it has {what}, not an object of tensor -> file; "
+                    f"re-download it"]
+    if not weight_map:
+        return {}, [f"{index} lists no tensors (its weight_map is empty); re-download it"]
+    problems = [p for k, f in weight_map.items() if (p := _index_entry_problem(index, k, f))]
+    return ({} if problems else weight_map), problems
+
+
+def _plain_file_name(name: str) -> bool:
+    """A name that can only mean a file in the folder itself: no separators ('/', '\\', ':'), no '..',
+    not '.', printable (no NUL), and short enough for the file system."""
+    return (name.strip() not in ("", ".") and ".." not in name and not any(c in name for c in "/\\:")
+            and name.isprintable() and len(name.encode("utf-8")) <= _MAX_NAME_BYTES)
+
+
+def _index_entry_problem(index: Path, key: str, fname: object) -> str | None:
+    """Why the index entry key -> fname is refused, or None: the file must be a plain name inside the
+    checkpoint folder (no separators, no '..', not absolute, no control characters)."""
+    if not key.isprintable():
+        return f"{index}: entry {_brief(key)} is not a tensor name (control characters); re-download it"
+    if not isinstance(fname, str):
+        return f"{index}: entry {key} maps to a JSON {_json_type(fname)}, not a file name; re-download it"
+    if not _plain_file_name(fname):
+        return (f"{index}: entry {key} names the file {_brief(fname)}, which is refused: only a plain file name "
+                f"inside {index.parent} is read; re-download the index")
+    return None
 
 
 def _dit_headers(shards: dict[Path, list[str] | None]
@@ -322,6 +581,36 @@ def _place(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> t
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinite value in `t`; always true for integer tensors.
+
+    One reduction pass without temporaries the size of `t`: min and max propagate NaN and are
+    infinite when any value is (`isfinite(t).all()` would allocate a mask, and freed masks stay in
+    the host allocator, which shows as resident memory while a checkpoint loads)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dtype.itemsize == 1:  # float8: no min/max or isfinite kernels for every format
+        t = t.to(torch.bfloat16)
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _nonfinite_text(t: torch.Tensor) -> str:
+    t = t.to(torch.bfloat16) if t.dtype.itemsize == 1 else t
+    return f"{int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} infinite values"
+
+
+def _check_finite(placed: torch.Tensor, read: torch.Tensor, where: str) -> None:
+    """A UserError naming `where` unless the tensor as placed is finite; `read` (the tensor as read
+    from the file) tells a damaged file from values that overflow the target dtype."""
+    if _all_finite(placed):
+        return
+    if _all_finite(read):
+        raise UserError(f"{where} has values too large for {_dtype_name(placed.dtype)}; load the weights in "
+                        f"bfloat16")
+    raise UserError(f"{where} holds {_nonfinite_text(read)}; re-download it")
+
+
 def _finish(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> nn.Module:
     try:
         model.load_state_dict(sd, strict=True, assign=True)
@@ -334,9 +623,31 @@ def _finish(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> nn.Modu
     return model.eval().requires_grad_(False)
 
 
+def _library_failure(exc: BaseException) -> bool:
+    """An error of a reader library on a damaged file: any Exception, or a Rust panic (pyo3's
+    PanicException derives from BaseException); not KeyboardInterrupt, SystemExit or GeneratorExit."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
+def _st_tensors(path: Path, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of `keys` in a safetensors file, memory-mapped; a failure of the reader (the
+    header was checked first, so only a file changed or damaged since) is a UserError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for k in keys:
+                yield k, f.get_tensor(k)
+    except BaseException as exc:
+        if not _library_failure(exc):
+            raise
+        raise UserError(f"{path} cannot be read as safetensors ({_reason(exc)}); re-download it") from None
+
+
 def _read_safetensors(files: dict[Path, list[str]], metas: dict[str, TensorMeta], dtype: torch.dtype,
                       device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Tensors of `files` cast to `dtype` on `device`, one at a time.
+    """Tensors of `files` cast to `dtype` on `device`, one at a time, each checked for NaN and
+    infinite values once placed (one pass over a tensor already in memory).
 
     Tensors that need no cast and stay on the CPU are zero-copy views of the file mapping. Otherwise
     the file is re-opened every `_MAP_CHUNK_BYTES`, so that the pages read for the cast or copy are
@@ -344,8 +655,6 @@ def _read_safetensors(files: dict[Path, list[str]], metas: dict[str, TensorMeta]
     zero_copy = torch.device(device).type == "cpu" and all(
         m.dtype == dtype or not m.dtype.is_floating_point for m in metas.values())
     budget = math.inf if zero_copy else _MAP_CHUNK_BYTES
-    from safetensors import safe_open
-
     sd = {}
     for path, keys in files.items():
         chunks, cur, size = [], [], 0
@@ -357,10 +666,27 @@ def _read_safetensors(files: dict[Path, list[str]], metas: dict[str, TensorMeta]
             size += metas[k].nbytes
         chunks.append(cur)
         for chunk in chunks:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for k in chunk:
-                    sd[k] = _place(f.get_tensor(k), dtype, device)
+            for k, t in _st_tensors(path, chunk):
+                sd[k] = _place(t, dtype, device)
+                _check_finite(sd[k], t, f"{path}: tensor {k}")
     return sd
+
+
+def _checked_dit_files(root: Path, model: nn.Module) -> tuple[dict[Path, list[str]], dict[str, TensorMeta]]:
+    """(shard -> its tensors, metadata) of the DiT in `root` after checking the index and every
+    header against `model` (on meta); a UserError names the first problems."""
+    shards, _, problems = _dit_layout(root)
+    if problems:
+        raise UserError(f"DiT weights in {root} are incomplete: {_summarize(problems)}")
+    metas, where, problems, _ = _dit_headers(shards)
+    problems += _compare(state_shapes(model), metas) + _dtype_problems(metas)
+    if problems:
+        raise UserError(f"DiT weights in {root} do not match the model: {_summarize(problems)}; "
+                        f"check --ckpt_dir and --preset")
+    files: dict[Path, list[str]] = {}
+    for k, p in where.items():
+        files.setdefault(p, []).append(k)
+    return files, metas
 
 
 def load_dit(ckpt_dir: str | Path, cfg: DiTConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -368,31 +694,24 @@ def load_dit(ckpt_dir: str | Path, cfg: DiTConfig, dtype: torch.dtype, device: t
              lora_target_modules: Sequence[str] = LORA_TARGETS):
     """The DiT of `ckpt_dir` in `dtype` on `device`, optionally with the LoRA merged in.
 
-    config.json, the index, every shard header and the LoRA are checked against the model built on
-    meta before any weight is read. On the CPU with the file dtype the weights stay memory-mapped."""
+    config.json, the index, every shard header and the LoRA (also its values) are checked against the
+    model built on meta before any weight is read; each weight is checked for NaN and infinite values
+    as it is loaded, and again after the merge. On the CPU with the file dtype the weights stay
+    memory-mapped."""
     from liveavatar.models.dit import CausalS2VDiT
 
     root = ckpt_paths(ckpt_dir).root
     cfg = read_dit_config(root, cfg)
-    shards, _, problems = _dit_layout(root)
-    if problems:
-        raise UserError(f"DiT weights in {root} are incomplete: {_summarize(problems)}")
-    metas, where, problems, _ = _dit_headers(shards)
     model = on_meta(CausalS2VDiT, cfg)
-    problems += _compare(state_shapes(model), metas)
-    if problems:
-        raise UserError(f"DiT weights in {root} do not match the model: {_summarize(problems)}; "
-                        f"check --ckpt_dir and --preset")
-    lora = None
+    files, metas = _checked_dit_files(root, model)
+    lora, source = None, None
     if lora_path is not None:  # fail on a bad LoRA before reading 32 GB
-        lora = check_lora(model, load_lora(lora_path), lora_rank, lora_target_modules)
-    files: dict[Path, list[str]] = {}
-    for k, p in where.items():
-        files.setdefault(p, []).append(k)
+        source = f"the LoRA {resolve_lora_path(lora_path)}"
+        lora = check_lora(model, load_lora(lora_path), lora_rank, lora_target_modules, source=source)
     sd = _read_safetensors(files, metas, dtype, device)
     model = _finish(model, sd, f"DiT weights in {root}")
     if lora is not None:
-        merge_lora(model, lora, lora_alpha, lora_rank, lora_target_modules)
+        _merge_checked(model, lora, lora_alpha / lora_rank, lora_target_modules, source)
     return model
 
 
@@ -404,15 +723,24 @@ def _load_pth(path: Path, model: nn.Module, dtype: torch.dtype, device: torch.de
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist; check --ckpt_dir")
     metas = read_pth_metadata(path)
-    problems = _compare(state_shapes(model), metas)
+    problems = _compare(state_shapes(model), metas) + _dtype_problems(metas)
     if problems:
         raise UserError(f"{what} file {path} does not match the model: {_summarize(problems)}; "
                         f"check --ckpt_dir and --preset")
-    loaded = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    loaded = _mmap_pth(path)
     sd = {}
     for k in list(loaded):
         sd[k] = _place(loaded.pop(k), dtype, device)  # drop the mapped tensor as soon as it is placed
     return _finish(model, sd, f"{what} file {path}")
+
+
+def _mmap_pth(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `torch.save` zip already checked by `read_pth_metadata`, memory-mapped."""
+    try:
+        return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as exc:  # only a file changed or damaged since its check; torch's text is not shown
+        raise UserError(f"{path} cannot be opened as a torch checkpoint, it is probably truncated or corrupt "
+                        f"({type(exc).__name__}); re-download it") from None
 
 
 def _file_in(path: str | Path, name: str) -> Path:
@@ -501,14 +829,10 @@ def load_lora(path: str | Path) -> dict[str, torch.Tensor]:
     prefix), in the file's dtype; safetensors are memory-mapped, other files go through torch.load."""
     p = resolve_lora_path(path)
     if p.suffix == ".safetensors":
-        read_safetensors_header(p)  # truncation and format errors as one-line UserErrors
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            raw = {k: f.get_tensor(k) for k in f.keys()}
+        raw = dict(_st_tensors(p, read_safetensors_header(p)))  # format errors as one-line UserErrors first
     else:
         read_pth_metadata(p)
-        raw = torch.load(p, mmap=True, weights_only=True, map_location="cpu")
+        raw = _mmap_pth(p)
     names = _canonical_lora_keys(raw, f"LoRA file {p}")
     return {names[k]: t for k, t in raw.items()}
 
@@ -533,7 +857,8 @@ def expected_lora_tensors(model: nn.Module, rank: int,
 
 def _lora_problems(found: dict[str, TensorMeta], model: nn.Module, rank: int, targets: Sequence[str]
                    ) -> list[str]:
-    """Problems naming the LoRA's keys that match no target, targets without A/B, and shape mismatches.
+    """Problems naming the LoRA's keys that match no target, targets without A/B, and shape mismatches
+    (with the rank the tensor has when only the rank differs).
 
     `found` is keyed canonically (see `lora_key`)."""
     expected = expected_lora_tensors(model, rank, targets)
@@ -542,23 +867,35 @@ def _lora_problems(found: dict[str, TensorMeta], model: nn.Module, rank: int, ta
         absent = [ab for ab in "AB" if lora_key(name, ab) not in found]
         if absent:
             problems.append(f"target {name} has no lora_{'/'.join(absent)}")
-    problems += [f"LoRA tensor {k} has shape {_shape(found[k].shape)}, expected {_shape(s)}"
+    problems += [_lora_shape_problem(k, found[k].shape, s)
                  for k, s in expected.items() if k in found and tuple(found[k].shape) != tuple(s)]
     return problems
 
 
+def _lora_shape_problem(key: str, shape: tuple[int, ...], want: tuple[int, ...]) -> str:
+    text = f"LoRA tensor {key} has shape {_shape(shape)}, expected {_shape(want)}"
+    axis = 0 if ".lora_A." in key else 1  # A: [rank, in], B: [out, rank]
+    if len(shape) == 2 and shape[1 - axis] == want[1 - axis]:
+        text += f" (rank {shape[axis]} instead of {want[axis]})"
+    return text
+
+
 def check_lora(model: nn.Module, lora_sd: dict[str, torch.Tensor], rank: int,
-               targets: Sequence[str] = LORA_TARGETS) -> dict[str, torch.Tensor]:
+               targets: Sequence[str] = LORA_TARGETS, source: str = "the LoRA") -> dict[str, torch.Tensor]:
     """The LoRA keyed canonically, after checking it against the model (which may be on meta): every
-    key must belong to a target, every target must have A and B, every shape must match; otherwise a
-    UserError names the first mismatches."""
+    key must belong to a target, every target must have A and B, every shape must match, every tensor
+    must be floating point with finite values (one pass over each); otherwise a UserError names the
+    first mismatches, or the tensor holding NaN or infinite values. `source` names it in messages."""
     names = _canonical_lora_keys(lora_sd, "the LoRA state dict")
     lora = {names[k]: t for k, t in lora_sd.items()}
-    problems = _lora_problems({k: TensorMeta(tuple(t.shape), t.dtype) for k, t in lora.items()}, model, rank,
-                              targets)
+    metas = {k: TensorMeta(tuple(t.shape), t.dtype) for k, t in lora.items()}
+    problems = _lora_problems(metas, model, rank, targets) + _dtype_problems(metas)
     if problems:
-        raise UserError(f"the LoRA does not fit this DiT (rank {rank}): {_summarize(problems)}; "
+        raise UserError(f"{source} does not fit this DiT (rank {rank}): {_summarize(problems)}; "
                         f"pass the Live Avatar LoRA and the matching --preset")
+    for k, t in lora.items():
+        if not _all_finite(t):
+            raise UserError(f"{source}: tensor {k} holds {_nonfinite_text(t)}; re-download the LoRA")
     return lora
 
 
@@ -567,16 +904,29 @@ def merge_lora(model: nn.Module, lora_sd: dict[str, torch.Tensor], alpha: float,
                targets: Sequence[str] = LORA_TARGETS) -> int:
     """Merge W <- W + (alpha / rank) * B @ A into every target Linear, in float32, one layer at a time
     on the weight's device, rounded once to the weight dtype. Keys may carry the `base_model.model.`
-    prefix or not; a LoRA that does not fit (see `check_lora`) raises before anything is merged.
+    prefix or not; a LoRA that does not fit or holds NaN/Inf (see `check_lora`) raises before anything
+    is merged; a merged weight that is not finite raises naming it (earlier layers stay merged).
     Returns the number of merged layers."""
     lora = check_lora(model, lora_sd, rank, targets)
+    return _merge_checked(model, lora, alpha / rank, targets, "the LoRA")
+
+
+@torch.no_grad()
+def _merge_checked(model: nn.Module, lora: dict[str, torch.Tensor], scale: float, targets: Sequence[str],
+                   source: str) -> int:
+    """The merge of a LoRA already passed through `check_lora`; each merged weight is checked for NaN
+    and infinite values (one pass over it) before it replaces the old one."""
     linears = lora_targets(model, targets)
-    scale = alpha / rank
     for name, lin in linears.items():
         w = lin.weight
         a = lora[lora_key(name, "A")].to(device=w.device, dtype=torch.float32)  # [r, in]
         b = lora[lora_key(name, "B")].to(device=w.device, dtype=torch.float32)  # [out, r]
-        w.copy_((w.float() + scale * (b @ a)).to(w.dtype))
+        merged = (w.float() + scale * (b @ a)).to(w.dtype)
+        if not _all_finite(merged):
+            cause = "it held them before" if not _all_finite(w) else f"the sum overflows {_dtype_name(w.dtype)}"
+            raise UserError(f"DiT weight {name}.weight holds NaN or infinite values after merging {source} "
+                            f"({cause}); pass the Live Avatar LoRA of this checkpoint and re-download both")
+        w.copy_(merged)
     return len(linears)
 
 

@@ -11,7 +11,6 @@ component of a preset from those models (`PartStats`), for `inspect` and the mem
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,13 +29,18 @@ from liveavatar.io.checkpoint import (
     DIT_CONFIG,
     DIT_SHARD_RE,
     FILE_DTYPES,
+    ConfigMismatch,
     TensorMeta,
+    _brief,
     _compare,
     _dit_headers,
     _dit_layout,
     _dtype_name,
+    _dtype_problems,
     _file_metas,
+    _json_type,
     _lora_problems,
+    _read_json_file,
     _w2v_key,
     ckpt_paths,
     expected_lora_tensors,
@@ -53,8 +57,7 @@ from liveavatar.models.sizes import on_meta, state_shapes, wav2vec2_on_meta
 
 def _dtype_notes(found: dict[str, TensorMeta], want: torch.dtype, what: str) -> tuple[list[str], list[str]]:
     """(problems, notes): non-float tensors are problems; other float dtypes than the official one, notes."""
-    problems = [f"tensor {k} has dtype {_dtype_name(m.dtype)}, expected a floating dtype"
-                for k, m in found.items() if not m.dtype.is_floating_point]
+    problems = _dtype_problems(found)
     other = sorted({_dtype_name(m.dtype) for m in found.values()
                     if m.dtype.is_floating_point and m.dtype != want})
     notes = [f"{what} stores {'/'.join(other)} tensors (official file: {_dtype_name(want)}); they are cast "
@@ -137,13 +140,15 @@ def format_bytes(n: int) -> str:
 def _check_dit(root: Path, preset: Preset, rep: ComponentReport) -> None:
     from liveavatar.models.dit import CausalS2VDiT
 
-    config_ok = True
+    config_ok = True  # a missing or unreadable config.json does not explain the tensors: compare them
     try:
         read_dit_config(root, preset.dit)
         rep.files.append(DIT_CONFIG)
+    except ConfigMismatch as exc:
+        rep.problems.append(str(exc))
+        config_ok = False
     except UserError as exc:
         rep.problems.append(str(exc))
-        config_ok = not (root / DIT_CONFIG).is_file()  # a missing config.json does not explain tensors
     shards, files, problems = _dit_layout(root)
     rep.files += files
     rep.problems += problems
@@ -219,23 +224,13 @@ def _check_audio(folder: Path, cfg: AudioConfig, rep: ComponentReport) -> None:
         rep.problems.append(f"missing folder {folder}")
         return
     conf = folder / "config.json"
-    config_problems = len(rep.problems)
+    other_model = False  # a missing or unreadable config.json does not explain the tensors: compare them
     if not conf.is_file():
         rep.problems.append(f"missing file {conf}")
-        config_problems += 1  # tensors are still worth comparing
     else:
         rep.files.append("config.json")
-        try:
-            raw = json.loads(conf.read_text())
-            from liveavatar.models.wav2vec2 import wav2vec2_config
-
-            want = wav2vec2_config(cfg).to_dict()
-            for name in _W2V_CONFIG_FIELDS:
-                if name in raw and list(_as_list(raw[name])) != list(_as_list(want[name])):
-                    rep.problems.append(f"{conf} sets {name}={raw[name]!r}, the preset expects "
-                                        f"{want[name]!r}")
-        except ValueError as exc:
-            rep.problems.append(f"{conf} is not valid JSON ({exc})")
+        problems, other_model = _audio_config_problems(conf, cfg)
+        rep.problems += problems
     weights = [folder / n for n in _W2V_WEIGHTS if (folder / n).is_file()]
     if not weights:
         rep.problems.append(f"no wav2vec2 weights in {folder}: expected {' or '.join(_W2V_WEIGHTS)}")
@@ -252,13 +247,31 @@ def _check_audio(folder: Path, cfg: AudioConfig, rep: ComponentReport) -> None:
     expected = state_shapes(wav2vec2_on_meta(cfg))
     expected.pop("masked_spec_embed", None)
     rep.count(metas)
-    if len(rep.problems) > config_problems:
+    if other_model:
         rep.notes.append("tensors not compared: config.json describes another model than the preset")
         return
     rep.problems += _compare(expected, metas)
     problems, notes = _dtype_notes(metas, FILE_DTYPES["audio"], path.name)
     rep.problems += problems
     rep.notes += notes
+
+
+def _audio_config_problems(conf: Path, cfg: AudioConfig) -> tuple[list[str], bool]:
+    """(problems, whether it describes another model): the fields of the wav2vec2 config.json that
+    differ from the preset, or why it cannot be read."""
+    from liveavatar.models.wav2vec2 import wav2vec2_config
+
+    try:
+        raw = _read_json_file(conf)
+    except UserError as exc:
+        return [str(exc)], False
+    if not isinstance(raw, dict):
+        return [f"{conf} holds a JSON {_json_type(raw)}, not an object of model settings; re-download it"], False
+    want = wav2vec2_config(cfg).to_dict()
+    diffs = [f"{conf} sets {name}={_brief(raw[name])}, the preset expects {want[name]!r}"
+             for name in _W2V_CONFIG_FIELDS
+             if name in raw and list(_as_list(raw[name])) != list(_as_list(want[name]))]
+    return diffs, bool(diffs)
 
 
 def _as_list(v):
