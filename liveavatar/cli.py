@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from liveavatar.config import PRESETS
 from liveavatar.errors import UserError
+
+MAX_SEED = 2**63 - 1  # --base_seed; the seed of clip r is (seed + r) mod 2^63
+MAX_GPUS = 1024  # `plan --gpus`
 
 
 def _cmd_check_ckpt(args: argparse.Namespace) -> int:
@@ -93,7 +98,8 @@ def _default_save_file(args: argparse.Namespace) -> str:
     return os.path.join("output", f"{time.strftime('%Y%m%d_%H%M%S')}_{args.sample_steps}step_{stem}.mp4")
 
 
-def _check_fits(args, preset, runtime, device: str, height: int, width: int, infer_frames: int) -> str | None:
+def _check_fits(args, preset, runtime, device: str, height: int, width: int, infer_frames: int,
+                steps: int) -> str | None:
     """Refuse, before any weight is loaded, a configuration the planner says will not fit the GPU
     (on CUDA, or anywhere when --gpu_memory is given). Caps the CUDA allocator at --gpu_memory."""
     import torch
@@ -109,34 +115,88 @@ def _check_fits(args, preset, runtime, device: str, height: int, width: int, inf
     if total is not None and args.gpu_memory:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(device))
     gpu = GPUSpec.guess(cap / GiB)
-    p = predict(preset, runtime, gpu, height, width, infer_frames)
+    p = predict(preset, runtime, gpu, height, width, infer_frames, steps)
     table = format_plan(p, gpu)
     if not p.fits:
         print(table, file=sys.stderr)
-        best = plan(preset, gpu, height, width, infer_frames)
+        best = plan(preset, gpu, height, width, infer_frames, steps)
         fix = ("use: " + " ".join(best.config.flags())) if best.fits else (best.note or "use a smaller --size")
         raise UserError(f"this configuration needs {p.gpus[0].peak_bytes / GiB:.1f} GiB but the GPU budget is "
                         f"{p.budget_bytes / GiB:.1f} GiB (table above); {fix}")
     return table
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a run stops like on Ctrl-C: cleanly, keeping its files."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _in_range(flag: str, value, lo, hi, what: str = "") -> None:
+    ok = value is not None and math.isfinite(value) and lo <= value <= hi
+    if not ok:
+        raise UserError(f"{flag} {value} is out of range: it must be between {lo} and {hi}{what}")
+
+
+def _check_generate_flags(args: argparse.Namespace, preset) -> None:
+    """Range checks of every numeric flag, before anything is built (the ranges are in the messages)."""
+    from liveavatar.engine.session import MAX_SAMPLE_STEPS
+
+    if args.base_seed != -1:
+        _in_range("--base_seed", args.base_seed, 0, MAX_SEED, " (or -1 for a random seed)")
+    _in_range("--sample_steps", args.sample_steps, 1, MAX_SAMPLE_STEPS, " (the distilled model uses 4)")
+    if args.gpu_memory is not None:
+        _in_range("--gpu_memory", args.gpu_memory, 0.5, 100_000, " GiB")
+    if args.resident_blocks is not None:
+        _in_range("--resident_blocks", args.resident_blocks, 0, preset.dit.num_layers,
+                  f" (the DiT has {preset.dit.num_layers} blocks)")
+    if args.kv_on_device is not None:
+        _in_range("--kv_on_device", args.kv_on_device, 0, args.sample_steps, " (one cache per denoising step)")
+    if args.num_clip is not None:
+        _in_range("--num_clip", args.num_clip, 1, 10**9, " (or omit it to follow the audio)")
+    _in_range("--infer_frames", args.infer_frames, 12, 4800, " and a multiple of 12; use 48")
+    _in_range("--audio_offset_frames", args.audio_offset_frames, 0, 3)
+    _check_device(args.device)
+
+
+def _check_device(device: str | None) -> None:
+    """`device` must name a device this torch build has."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise UserError(f"--device {device!r}: this engine runs on cpu or cuda; use one of them")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device!r}: this torch build sees no CUDA GPU; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device!r}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import random
     import time
 
-    import torch
-    from tqdm import tqdm
-
     from liveavatar.config import get_preset
-    from liveavatar.engine.pipeline import Pipeline
     from liveavatar.engine.session import GenerationOptions, Inputs
     from liveavatar.io import media
+    from liveavatar.io.output import OutputFile
 
     start = time.time()
     _refuse_unsupported(args)
     preset = get_preset(args.preset)
     if preset.name != "tiny" and not args.ckpt_dir:
         raise UserError(f"no model weights given (--ckpt_dir); {WEIGHTS_HELP}")
+    _check_generate_flags(args, preset)
     seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**31 - 1)
     opts = GenerationOptions(
         size=media.parse_size(args.size), infer_frames=args.infer_frames, num_clip=args.num_clip, seed=seed,
@@ -146,30 +206,47 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     image = args.image or str(media.example_image_path())
     audio = args.audio or str(media.example_audio_path())
+    out = OutputFile(args.save_file or _default_save_file(args), what="output video", overwrite=args.overwrite,
+                     inputs=(image, audio), rename_if_taken=args.save_file is None)
     inputs = Inputs.load(image, audio, opts)  # every input is checked before any weight is loaded
-    if inputs.silent:
-        print(f"warning: the audio {audio} is silent; the avatar will barely move", file=sys.stderr)
-    save_file = args.save_file or _default_save_file(args)
+    for line in inputs.warnings():
+        print(f"warning: {line}", file=sys.stderr)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return _generate(args, preset, opts, inputs, out, start)
+
+
+def _generate(args, preset, opts, inputs, out, start: float) -> int:
+    """Load the model, stream the session into the MP4 writer; interruptions keep the partial file."""
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from liveavatar.engine.pipeline import Pipeline
+    from liveavatar.io import media
+    from liveavatar.io.mp4 import MP4Writer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runtime = _runtime_from_args(args)
-    table = _check_fits(args, preset, runtime, device, inputs.height, inputs.width, opts.infer_frames)
-    with media.MP4Writer(save_file, width=inputs.width, height=inputs.height, fps=preset.fps,
-                         audio=True, sample_rate=media.SAMPLE_RATE) as writer:
-        try:
-            t0 = time.time()
-            if preset.name == "tiny":
-                pipe = Pipeline.tiny(device=device, runtime=runtime)
-            else:
-                pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
-                                                runtime=runtime)
-            session = pipe.session(inputs, prompt=args.prompt, options=opts)
+    table = _check_fits(args, preset, runtime, device, inputs.height, inputs.width, opts.infer_frames,
+                        opts.sample_steps)
+    writer = MP4Writer(out, width=inputs.width, height=inputs.height, fps=preset.fps, audio=True,
+                       sample_rate=media.SAMPLE_RATE)
+    frames, first, t0 = 0, None, time.time()
+    try:
+        if preset.name == "tiny":
+            pipe = Pipeline.tiny(device=device, runtime=runtime)
+        else:
+            pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
+                                            runtime=runtime)
+        with pipe.session(inputs, prompt=args.prompt, options=opts) as session:
+            for line in session.warnings:
+                print(f"warning: {line}", file=sys.stderr)
             print(f"{inputs.width}x{inputs.height} (WxH), {session.num_frames} frames in {session.num_blocks} "
-                  f"blocks ({session.num_clips} clips), seed {seed}, setup {time.time() - t0:.1f}s -> {save_file}",
-                  file=sys.stderr)
+                  f"blocks ({session.num_clips} clips), seed {opts.seed}, setup {time.time() - t0:.1f}s -> "
+                  f"{out.path}", file=sys.stderr)
             bar = tqdm(total=session.num_blocks, unit="block", file=sys.stderr, dynamic_ncols=True)
             t1 = time.time()
-            frames, first = 0, None
             for chunk in session:
                 writer.write(chunk.frames, chunk.audio)
                 first = first or time.time() - start
@@ -177,13 +254,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(f"{frames} frames, {frames / (time.time() - t1):.2f} fps")
                 bar.update(1)
             bar.close()
-            session.close()
-        except torch.OutOfMemoryError:
-            if table:
-                print(table, file=sys.stderr)
-            raise UserError("the GPU ran out of memory; the table above is the plan for this configuration: "
-                            "run `liveavatar plan --auto` with your GPU memory and use the flags it prints") from None
         path = writer.close()
+    except (KeyboardInterrupt, Terminated) as stop:
+        writer.abort()
+        code, name = (130, "Ctrl-C") if isinstance(stop, KeyboardInterrupt) else (143, "SIGTERM")
+        kept = (f"the partial video {str(writer.partial_path)!r} plays its {frames} frames"
+                if writer.partial_path else "nothing was written")
+        print(f"error: stopped by {name}; {kept}", file=sys.stderr)
+        return code
+    except torch.OutOfMemoryError:
+        writer.abort()
+        if table:
+            print(table, file=sys.stderr)
+        raise UserError("the GPU ran out of memory; the table above is the plan for this configuration: "
+                        "run `liveavatar plan --auto` with your GPU memory and use the flags it prints") from None
+    except BaseException:
+        writer.abort()
+        raise
     print(f"saved {path} ({frames} frames, {frames / preset.fps:.2f}s) in {time.time() - t0:.1f}s "
           f"(first frame after {first:.1f}s)")
     return 0
@@ -219,9 +306,24 @@ def _gpus(args: argparse.Namespace) -> tuple[int, float | None]:
         count, size = int(n), (float(gb) if gb else args.gpu_memory)
     except ValueError:
         raise bad from None
-    if count < 1 or (size is not None and size <= 0) or ("x" in spec and not gb):
+    if "x" in spec and not gb:
         raise bad
+    _in_range("--gpus count", count, 1, MAX_GPUS)
+    if size is not None:
+        _in_range("--gpus memory" if gb else "--gpu_memory", size, 0.5, 100_000, " GiB")
     return count, size
+
+
+def _aspect(spec: str) -> tuple[int, int]:
+    """--aspect H:W -> (H, W), positive integers no further apart than 16:1."""
+    h, _, w = spec.partition(":")
+    try:
+        ah, aw = int(h), int(w)
+    except ValueError:
+        ah = aw = 0
+    if ah <= 0 or aw <= 0 or max(ah / aw, aw / ah) > 16:
+        raise UserError(f"--aspect {spec!r} is not H:W with positive integers at most 16:1 apart (e.g. 16:9)")
+    return ah, aw
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -235,7 +337,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise UserError("give the GPU memory: --gpu_memory 24 (GB) or --gpus 1x24")
     if args.infer_frames <= 0 or args.infer_frames % 12:
         raise UserError(f"--infer_frames {args.infer_frames} is not a positive multiple of 12; use 48")
-    ah, aw = (int(x) for x in args.aspect.split(":")) if ":" in args.aspect else (16, 9)
+    for flag, value in (("--tflops", args.tflops), ("--link_gbps", args.link_gbps)):
+        if value is not None:
+            _in_range(flag, value, 0.001, 1e7)
+    if args.resident_blocks is not None:
+        _in_range("--resident_blocks", args.resident_blocks, 0, preset.dit.num_layers)
+    if args.kv_on_device is not None:
+        _in_range("--kv_on_device", args.kv_on_device, 0, preset.sampler.steps)
+    ah, aw = _aspect(args.aspect)
     height, width = media.target_size(ah * 80, aw * 80, media.parse_size(args.size))
     gpu = GPUSpec.guess(gb)
     gpu = GPUSpec(gpu.memory_bytes, args.tflops or gpu.tflops, gpu.fp8_tflops, args.link_gbps or gpu.link_gbps)
@@ -314,7 +423,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--sample_solver", default="euler")
     p.add_argument("--sample_shift", type=float, default=None, help="accepted; the schedule uses shift 3")
     p.add_argument("--base_seed", type=int, default=42, help="seed (-1: random); a seed reproduces a video")
-    p.add_argument("--save_file", default=None, help="output MP4 (default: output/<time>_<prompt>.mp4)")
+    p.add_argument("--save_file", default=None, help="output MP4 (default: output/<time>_<prompt>.mp4); an existing "
+                   "file is kept unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --save_file once the new video is complete")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     _add_runtime_flags(p)
     p.add_argument("--gpu_memory", type=float, default=None,
@@ -347,8 +459,16 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line errors as one line (`error: ...`), exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="liveavatar", description="Live Avatar: streaming avatar video")
+    parser = _Parser(prog="liveavatar", description="Live Avatar: streaming avatar video")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_generate(sub)
     _add_plan(sub)
@@ -378,6 +498,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout piped into a reader that stopped early (e.g. `| head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        print("error: stopped by Ctrl-C", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("error: stopped by SIGTERM", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ class Conditioning:
     text: torch.Tensor  # [1, text_len, D] the prompt through T5 and the DiT's text embedding
     ref_latent: torch.Tensor  # [1, C, 1, h, w]
     motion_latents: torch.Tensor  # [1, C, T_m, h, w]
+    warnings: tuple[str, ...] = ()  # what the user should know about the inputs (e.g. a truncated prompt)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"text": self.text, "ref_latent": self.ref_latent, "motion_latents": self.motion_latents}
@@ -35,13 +36,18 @@ class Conditioning:
 def encode_conditioning(pipe, ref: torch.Tensor, prompt: str) -> Conditioning:
     """ref: [3, H, W] float in [-1, 1] (H, W multiples of 64) -> the session's `Conditioning`."""
     dev, dtype, cfg = pipe.device, pipe.dtype, pipe.preset.dit
+    warnings = ()
+    n = pipe.tokenizer.num_tokens(prompt)
+    if n > pipe.tokenizer.text_len:
+        warnings = (f"the prompt has {n} tokens; the text encoder reads the first {pipe.tokenizer.text_len} "
+                    "and ignores the rest",)
     with torch.no_grad():
         ctx = pipe.run_encoder(pipe.text_encoder, lambda m: encode_text(m, pipe.tokenizer, prompt))
         text = pipe.dit.embed_text(ctx.to(dev))
         ref = ref.to(dev, dtype)
         ref_latent = pipe.vae.encode(ref[None, :, None].expand(1, 3, 5, -1, -1))[:, :, 1:2]
         motion = pipe.vae.encode(ref[None, :, None].expand(1, 3, cfg.motion_frames, -1, -1))
-    return Conditioning(text, ref_latent, motion)
+    return Conditioning(text, ref_latent, motion, warnings)
 
 
 def audio_features(pipe, speech: SpeechStream, mode: str, windows: AudioWindows,

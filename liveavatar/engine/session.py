@@ -40,6 +40,8 @@ from liveavatar.errors import UserError
 from liveavatar.io import media
 from liveavatar.models.layout import SinkLayout
 
+MAX_SAMPLE_STEPS = 50  # each step holds a ring KV cache (10 GB a step at full size, 704x384)
+MIN_SPEECH_SECONDS = 0.48  # one block of 12 video frames
 STATE_FORMAT = "liveavatar-session"
 STATE_VERSION = 1
 
@@ -70,8 +72,11 @@ def check_options(opts: GenerationOptions) -> None:
         raise UserError(f"--num_clip {opts.num_clip} must be at least 1 (or omit it to follow the audio)")
     if not 0 <= opts.audio_offset_frames <= DROP_FIRST_FRAMES:
         raise UserError(f"--audio_offset_frames {opts.audio_offset_frames} must be between 0 and {DROP_FIRST_FRAMES}")
-    if opts.sample_steps <= 0:
-        raise UserError(f"--sample_steps {opts.sample_steps} must be at least 1; the distilled model uses 4")
+    if not 1 <= opts.sample_steps <= MAX_SAMPLE_STEPS:
+        raise UserError(f"--sample_steps {opts.sample_steps} must be between 1 and {MAX_SAMPLE_STEPS}; "
+                        "the distilled model uses 4")
+    if not 0 <= opts.seed < 2**63:
+        raise UserError(f"seed {opts.seed} must be between 0 and 2^63 - 1")
     if opts.denoise_stages is not None and (sum(opts.denoise_stages) != opts.sample_steps
                                             or min(opts.denoise_stages, default=0) < 1):
         raise UserError(f"denoise stages {tuple(opts.denoise_stages)} must split the {opts.sample_steps} "
@@ -104,8 +109,19 @@ class Inputs:
     def load(cls, image: str, audio: str | os.PathLike | np.ndarray | None, opts: GenerationOptions) -> Inputs:
         check_options(opts)
         ref, (h, w) = media.load_reference_image(image, opts.size)
-        if audio is not None and not isinstance(audio, np.ndarray):
+        if audio is None:
+            return cls(ref, h, w, None)
+        if isinstance(audio, np.ndarray):
+            audio = np.asarray(audio, dtype=np.float32)
+            if audio.ndim != 1 or not np.all(np.isfinite(audio)):
+                raise UserError("speech samples must be a 1-D array of finite 16 kHz mono samples")
+            seconds, where = len(audio) / media.SAMPLE_RATE, "the speech samples"
+        else:
             audio = media.open_speech(audio)  # decoded once, block by block: checked, not kept
+            seconds, where = audio.seconds, f"audio file {str(audio.path)!r}"
+        if seconds < MIN_SPEECH_SECONDS:
+            raise UserError(f"{where} lasts {seconds:.2f} s, shorter than one block of video "
+                            f"({MIN_SPEECH_SECONDS} s); use at least {MIN_SPEECH_SECONDS} s of speech")
         return cls(ref, h, w, audio)
 
     @property
@@ -113,6 +129,14 @@ class Inputs:
         if isinstance(self.speech, media.SpeechFile):
             return self.speech.silent
         return self.speech is not None and media.audio_is_silent(self.speech)
+
+    def warnings(self) -> list[str]:
+        """What is accepted but worth saying (one line each)."""
+        if self.silent:
+            is_file = isinstance(self.speech, media.SpeechFile)
+            where = f"the audio {str(self.speech.path)!r}" if is_file else "the speech"
+            return [f"{where} is silent; the avatar will barely move"]
+        return []
 
 
 def speech_stream(audio: media.SpeechFile | np.ndarray | None, start: int = 0) -> SpeechStream:
@@ -177,6 +201,11 @@ class Session:
     def end_audio(self) -> None:
         """The speech is complete: the video ends with it."""
         self.speech.end()
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the user should know about this session's inputs (a truncated prompt, ...)."""
+        return self.cond.warnings if self.cond is not None else ()
 
     @property
     def audio_position(self) -> int:

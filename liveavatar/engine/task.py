@@ -71,10 +71,10 @@ class TaskPlan:
         self._clip: tuple[int, torch.Tensor] | None = None  # the last clip's noise, shared by its blocks
 
     def clip_noise(self, clip: int) -> torch.Tensor:
-        """[1, C, blocks_per_clip · F, h, w] noise of a clip: CPU generator seeded with seed + clip."""
+        """[1, C, blocks_per_clip · F, h, w] noise of a clip: CPU generator seeded with (seed + clip) mod 2^63."""
         if self._clip is None or self._clip[0] != clip:
             c, h, w = self.latent_shape
-            gen = torch.Generator("cpu").manual_seed(self.seed + clip)
+            gen = torch.Generator("cpu").manual_seed((self.seed + clip) % 2**63)
             z = torch.randn(1, c, self.blocks_per_clip * self.frames_per_block, h, w, generator=gen)
             self._clip = (clip, z.to(self.dtype))
         return self._clip[1]

@@ -1,4 +1,4 @@
-"""Media input and output: the output-size rule, reference image and speech loading, and the MP4 writer.
+"""Media input: the output-size rule, the reference image and the speech.
 
 Inputs follow the official pipeline: `--size` is an area cap and `target_size` reproduces
 `get_size_less_than_area` (sides are multiples of 64, the image aspect is kept, small images are
@@ -6,24 +6,15 @@ never upscaled past the next multiple of 64); the reference image goes through t
 `Resize(min(H, W))` -> `CenterCrop((H, W))` (zero padding) -> `ToTensor` -> `x*2-1` chain, rebuilt
 on PIL and numpy; speech is loaded like `librosa.load(path, sr=16000)` (soundfile, channel mean,
 soxr HQ), with PyAV decoding the containers libsndfile cannot read (M4A, MP4, AAC...).
-
-Output goes through `MP4Writer`, which appends every `write` call to the file as its own fragment of a
-fragmented MP4 (H.264 yuv420p + AAC) and flushes it, so a crash or kill loses at most the chunk being
-written: the `<stem>.partial.mp4` left behind plays up to the last finished chunk. `close()` renames it
-atomically to the requested name. Each chunk is muxed by a short-lived muxer (the encoders live for
-the whole file), because FFmpeg's MP4 muxer only emits a fragment when the next one starts.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -148,12 +139,37 @@ def _center_crop(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return x[top:top + out_h, left:left + out_w]
 
 
+IMAGE_BACKGROUND = (255, 255, 255)  # transparent pixels of the reference image are composited on white
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB: 16- and 32-bit integer and float images scaled to 8 bits (PIL's own
+    conversion clips them, turning a 16-bit PNG almost white), palette, grey and CMYK converted,
+    transparency composited on `IMAGE_BACKGROUND`."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        x = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = 1.0 if x.size and np.nanmax(x) <= 1.0 else 255.0
+        else:
+            top = 255.0 if x.size and x.max() <= 255 else (65535.0 if x.max() <= 65535 else float(x.max()))
+        x = np.nan_to_num(x / top, nan=0.0).clip(0, 1)
+        img = Image.fromarray((x * 255 + 0.5).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*IMAGE_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_reference_image(path: str | os.PathLike, max_area: int,
                          min_side: int = MIN_SIDE) -> tuple[torch.Tensor, tuple[int, int]]:
     """Reference image -> ([3, H, W] float32 in [-1, 1], (H, W)) with (H, W) = `target_size`.
 
     The EXIF orientation is applied first (a no-op for images without one; the official code ignores
-    it and so animates rotated phone photos sideways). Refused with UserError: a missing path, a file
+    it and so animates rotated phone photos sideways), then the image becomes 8-bit RGB (`_to_rgb`:
+    16-bit, palette, grey, CMYK; transparency on white). Refused with UserError: a missing path, a file
     PIL cannot decode, an image whose shorter side is below `min_side` pixels, and an image too small for
     the requested size (it would give a smaller video than a large image of its aspect). Since (H, W) never
     exceeds the image scaled to at most 1.0 with sides rounded up to a multiple of 64, a smaller
@@ -165,7 +181,7 @@ def load_reference_image(path: str | os.PathLike, max_area: int,
     try:
         with Image.open(p) as im:
             im.load()
-            img = ImageOps.exif_transpose(im).convert("RGB")
+            img = _to_rgb(ImageOps.exif_transpose(im))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"reference image {str(p)!r} could not be read as an image ({e}); "
                         "pass a valid PNG or JPEG file") from None
@@ -342,243 +358,3 @@ def audio_is_silent(wave: np.ndarray, threshold: float = SILENCE_RMS) -> bool:
     if len(wave) == 0:
         return True
     return float(np.sqrt(np.mean(np.square(wave, dtype=np.float64)))) < threshold
-
-
-# ----------------------------------------------------------------------------------------------------
-# MP4 output
-# ----------------------------------------------------------------------------------------------------
-
-_MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
-# Per-chunk muxer: fragment at keyframes (each chunk starts with one), an empty moov (the init segment
-# comes first), data offsets relative to each moof (fragments can be appended anywhere), and absolute
-# decode times: `frag_discont` with no edit list and no shift to zero makes tfdt = the first dts.
-_FRAGMENT_OPTIONS = {
-    "movflags": _MOVFLAGS + "+frag_discont", "use_editlist": "0", "avoid_negative_ts": "disabled",
-}
-_AAC_FRAME = 1024  # samples per AAC packet
-
-
-def _top_level_boxes(data: bytes):
-    """Yield (type, bytes) of the top-level ISO-BMFF boxes in `data`."""
-    i = 0
-    while i + 8 <= len(data):
-        size, kind = struct.unpack(">I4s", data[i:i + 8])
-        if size == 1:
-            size = struct.unpack(">Q", data[i + 8:i + 16])[0]
-        elif size == 0:
-            size = len(data) - i
-        yield kind.decode("latin-1"), data[i:i + size]
-        i += size
-
-
-class MP4Writer:
-    """Streams RGB frames (and the matching span of a mono speech track) into a fragmented MP4.
-
-    `write(frames, audio)` encodes a [T, H, W, 3] uint8 chunk (its first frame forced to an IDR
-    keyframe) and the audio that plays with it, and appends both to `<stem>.partial.mp4` as one
-    self-contained fragment, flushed before returning. The audio is either the whole track given to
-    the constructor (`audio=array`: each chunk muxes samples [n0·sr/fps, (n0+T)·sr/fps)) or arrives
-    chunk by chunk (`audio=True`, `write(frames, samples)`: memory stays flat for any length; the AAC
-    encoder's look-ahead makes each fragment's audio end up to 2048 samples before its video, and
-    `close()` appends the rest). `close()` renames the partial file to `path` (atomic: same
-    directory); `abort()`, or leaving a `with` block by an exception, keeps the partial file, which
-    plays up to the last finished chunk. The audio track is cut with the video (at AAC-packet
-    granularity: it ends < 1024 samples after the last frame); it may be shorter than the video.
-    H.264 yuv420p (libx264, `tune=zerolatency` so that every frame leaves the encoder at once) and AAC.
-    Every chunk costs a keyframe, so very short chunks inflate the file; write several blocks at a
-    time if that matters.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, width: int, height: int, fps: int = 25,
-                 audio: np.ndarray | bool | None = None, sample_rate: int = SAMPLE_RATE, crf: int = 18,
-                 preset: str = "veryfast", audio_bitrate: int = 64000):
-        if width <= 0 or height <= 0 or width % 2 or height % 2:
-            raise ValueError(f"MP4Writer needs positive even width and height, got {width}x{height}")
-        self._incremental = audio is True
-        if audio is True or audio is False:
-            audio = np.zeros(0, np.float32) if audio else None
-        if audio is not None:
-            audio = np.asarray(audio, dtype=np.float32)  # no copy for float32 input; clipped per block
-            if audio.ndim != 1:
-                raise ValueError(f"MP4Writer audio must be mono [N], got shape {audio.shape}")
-        self.path = Path(path)
-        self.partial_path = self.path.with_name(f"{self.path.stem}.partial.mp4")
-        self.width, self.height, self.fps, self.sample_rate = width, height, fps, sample_rate
-        self._audio = audio  # the track (whole), or the samples not yet encoded (incremental)
-        self._audio_base = 0  # absolute index of _audio[0]
-        if self.path.is_dir():
-            raise UserError(f"output {str(self.path)!r} is a directory; pass a file name such as out.mp4")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.partial_path, "wb")  # kept open across writes
-        except OSError as e:
-            raise UserError(f"cannot write the output video {str(self.path)!r} ({e.strerror or e}); "
-                            "choose a writable location with --save_file") from None
-
-        # The encoders live in a container that is never written to: the per-chunk muxers copy their
-        # codec parameters (SPS/PPS, AudioSpecificConfig) from its streams.
-        try:
-            self._codecs = av.open(io.BytesIO(), "w", format="mp4", options={"movflags": _MOVFLAGS})
-            self._video = self._codecs.add_stream(
-                "libx264", rate=fps, options={"crf": str(crf), "preset": preset, "tune": "zerolatency"})
-            self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
-            self._audio_stream = None
-            if audio is not None:
-                self._audio_stream = self._codecs.add_stream("aac", rate=sample_rate, layout="mono")
-                self._audio_stream.bit_rate = audio_bitrate
-            self._codecs.start_encoding()  # opens the encoders, fills the streams' codec parameters
-        except BaseException:
-            self._file.close()
-            self.partial_path.unlink(missing_ok=True)
-            raise
-
-        self.frames_written = 0
-        self._chunks = 0
-        self._audio_fed = 0  # samples given to the AAC encoder
-        self._audio_drained = False
-        self._audio_out_end = 0  # end (in samples) of the last AAC packet out of the encoder
-        self._audio_pending: list[av.Packet] = []
-        self._state = "open"
-
-    # -- audio --------------------------------------------------------------------------------------
-
-    def _audio_packets_until(self, end: int, final: bool) -> list[av.Packet]:
-        """Encode audio until every packet starting before sample `end` is out, as far as the samples
-        at hand allow (all of them and the encoder's tail when `final`); return those packets."""
-        while self._audio_out_end < end and not self._audio_drained:
-            have = self._audio_base + len(self._audio) - self._audio_fed
-            if have >= _AAC_FRAME or (final and have > 0):
-                i = self._audio_fed - self._audio_base
-                block = np.clip(self._audio[i:i + _AAC_FRAME], -1.0, 1.0)
-                frame = av.AudioFrame.from_ndarray(block[None], format="flt", layout="mono")
-                frame.sample_rate, frame.pts = self.sample_rate, self._audio_fed
-                frame.time_base = Fraction(1, self.sample_rate)
-                self._audio_fed += len(block)
-                packets = self._audio_stream.encode(frame)
-            elif final:
-                packets = self._audio_stream.encode(None)
-                self._audio_drained = True
-            else:
-                break
-            for p in packets:
-                self._audio_out_end = max(self._audio_out_end, p.pts + (p.duration or _AAC_FRAME))
-                # Drop the encoder-priming packet (pts < 0): with it the muxer would shift every track,
-                # since fragmented files carry no edit list. The first 64 ms decode with a short fade-in.
-                if p.pts >= 0:
-                    self._audio_pending.append(p)
-        if self._incremental:  # drop the encoded samples
-            self._audio = self._audio[self._audio_fed - self._audio_base:]
-            self._audio_base = self._audio_fed
-        out = [p for p in self._audio_pending if p.pts < end]
-        del self._audio_pending[:len(out)]
-        return out
-
-    # -- public API ---------------------------------------------------------------------------------
-
-    def write(self, frames: np.ndarray, audio: np.ndarray | None = None) -> None:
-        """Append frames [T, H, W, 3] uint8 (RGB) and their audio as one flushed fragment (`audio`: the
-        samples that play with these frames, when the writer was made with `audio=True`)."""
-        if self._state != "open":
-            raise RuntimeError(f"MP4Writer.write after {self._state}")
-        if (audio is not None) != self._incremental:
-            raise ValueError("pass the chunk's audio to write() exactly when the writer was made with audio=True")
-        if audio is not None:
-            audio = np.asarray(audio, dtype=np.float32)
-            if audio.ndim != 1:
-                raise ValueError(f"MP4Writer audio must be mono [N], got shape {audio.shape}")
-            self._audio = np.concatenate([self._audio, audio])
-        frames = np.asarray(frames)
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
-            raise ValueError(f"expected uint8 frames [T, {self.height}, {self.width}, 3], "
-                             f"got {frames.dtype} {tuple(frames.shape)}")
-        if len(frames) == 0:
-            return
-        n0 = self.frames_written
-        packets = []
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame.pts, frame.time_base = n0 + i, Fraction(1, self.fps)
-            if i == 0:
-                frame.pict_type = av.video.frame.PictureType.I  # an IDR: the chunk decodes on its own
-            for p in self._video.encode(frame):
-                p.duration = 1  # one frame in the codec time base 1/fps; the last sample needs it
-                packets.append(p)
-        n1 = n0 + len(frames)
-        if self._audio is not None:
-            packets += self._audio_packets_until(n1 * self.sample_rate // self.fps, final=not self._incremental)
-        self._write_fragment(packets)
-        self.frames_written = n1
-
-    def _write_fragment(self, packets: list[av.Packet]) -> None:
-        """Mux `packets` with a fresh muxer and append its boxes (the init segment only once)."""
-        buf = io.BytesIO()
-        options = {**_FRAGMENT_OPTIONS, "fragment_index": str(self._chunks + 1)}  # mfhd sequence number
-        mux = av.open(buf, "w", format="mp4", options=options)
-        streams = {self._video.index: mux.add_stream_from_template(self._video)}
-        if self._audio_stream is not None:
-            streams[self._audio_stream.index] = mux.add_stream_from_template(self._audio_stream)
-        for p in sorted(packets, key=lambda p: p.dts * p.time_base):
-            p.stream = streams[p.stream_index]
-            mux.mux(p)
-        mux.close()
-        keep = ("moof", "mdat") if self._chunks else ("ftyp", "moov", "moof", "mdat")
-        for kind, box in _top_level_boxes(buf.getvalue()):
-            if kind in keep:
-                self._file.write(box)
-        self._file.flush()
-        self._chunks += 1
-
-    @property
-    def duration(self) -> float:
-        """Seconds of video written so far."""
-        return self.frames_written / self.fps
-
-    def close(self) -> Path:
-        """Finish the file and rename it atomically to `path`; returns `path`."""
-        if self._state != "open":
-            raise RuntimeError(f"MP4Writer.close after {self._state}")
-        if self.frames_written == 0:
-            self.abort()
-            raise ValueError("MP4Writer.close with no frames written; nothing to save")
-        if self._incremental:  # the encoder's tail: the audio of the last chunk
-            tail = self._audio_packets_until(self.frames_written * self.sample_rate // self.fps, final=True)
-            if tail:
-                self._write_fragment(tail)
-        self._release()
-        os.fsync(self._file.fileno())  # the renamed file must not be shorter than the partial one
-        self._file.close()
-        os.replace(self.partial_path, self.path)
-        self._state = "closed"
-        return self.path
-
-    def abort(self) -> None:
-        """Stop without renaming: keeps `<stem>.partial.mp4` (playable up to the last chunk), or removes
-        it when no frame was written."""
-        if self._state != "open":
-            return
-        self._release()
-        self._file.close()
-        if self.frames_written == 0:
-            self.partial_path.unlink(missing_ok=True)
-        self._state = "aborted"
-
-    def _release(self) -> None:
-        try:
-            self._codecs.close()
-        except av.FFmpegError:
-            pass
-
-    def __enter__(self) -> MP4Writer:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._state != "open":  # closed or aborted inside the block
-            return
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def __del__(self):
-        if getattr(self, "_state", None) == "open":
-            self.abort()

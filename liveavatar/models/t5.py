@@ -234,6 +234,13 @@ class TextTokenizer:
     def eos_id(self) -> int:
         return BUILTIN_EOS if self._hf is None else self._hf.eos_token_id
 
+    def num_tokens(self, prompt: str) -> int:
+        """Tokens of `prompt` with EOS, before truncation to `text_len` (longer prompts are cut)."""
+        text = clean_prompt(prompt)
+        if self._hf is not None:
+            return len(self._hf(text, add_special_tokens=True, truncation=False)["input_ids"])
+        return len(text.encode("utf-8")) + 1
+
     def __call__(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         texts = [clean_prompt(t) for t in texts]

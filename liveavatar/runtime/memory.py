@@ -307,10 +307,10 @@ def predict(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: int, width
                 host=host_components(preset, cfg, height, width, steps))
 
 
-def candidates(preset: Preset, allow_fp8: bool = True) -> list[RuntimeConfig]:
+def candidates(preset: Preset, allow_fp8: bool = True, steps: int | None = None) -> list[RuntimeConfig]:
     """Every single-GPU layout the runtime supports, from most to least resident."""
     n_blocks = preset.dit.num_layers
-    steps = preset.sampler.steps
+    steps = steps or preset.sampler.steps
     out = []
     for fp8 in (False, True) if allow_fp8 else (False,):
         for kv in [None] + list(range(steps - 1, -1, -1)):
@@ -326,7 +326,7 @@ def plan(preset: Preset, gpu: GPUSpec, height: int, width: int, infer_frames: in
          steps: int | None = None, allow_fp8: bool = True) -> Plan:
     """The fastest fitting configuration, or (fits=False) the least memory-hungry one with a hint."""
     best, smallest = None, None
-    for cfg in candidates(preset, allow_fp8):
+    for cfg in candidates(preset, allow_fp8, steps):
         p = predict(preset, cfg, gpu, height, width, infer_frames, steps)
         if p.fits and (best is None or p.seconds_per_block < best.seconds_per_block - 1e-9):
             best = p

@@ -21,6 +21,7 @@ from PIL import Image
 
 from liveavatar.errors import UserError
 from liveavatar.io import media
+from liveavatar.io.mp4 import MP4Writer
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -267,7 +268,7 @@ def test_load_audio_errors(tmp_path):
     with pytest.raises(UserError, match="no samples"):
         media.load_audio(empty)
     video_only = tmp_path / "video.mp4"
-    with media.MP4Writer(video_only, width=64, height=64) as w:
+    with MP4Writer(video_only, width=64, height=64) as w:
         w.write(np.zeros((2, 64, 64, 3), np.uint8))
     with pytest.raises(UserError, match="no audio stream"):
         media.load_audio(video_only)
@@ -329,7 +330,7 @@ def _decode(path: Path):
 def test_mp4_writer_chunks_audio_sync(tmp_path):
     out = tmp_path / "out" / "video.mp4"  # the missing folder is created
     audio = _speech_like(2.0)
-    with media.MP4Writer(out, width=W, height=H, fps=25, audio=audio) as w:
+    with MP4Writer(out, width=W, height=H, fps=25, audio=audio) as w:
         for k in range(3):
             w.write(_frames(12 * k, 12))
         assert w.partial_path.exists() and not out.exists()
@@ -360,7 +361,7 @@ def test_mp4_writer_chunks_audio_sync(tmp_path):
 def test_mp4_writer_takes_audio_chunk_by_chunk(tmp_path):
     out = tmp_path / "inc.mp4"
     audio = _speech_like(2.0)
-    with media.MP4Writer(out, width=W, height=H, fps=25, audio=True) as w:
+    with MP4Writer(out, width=W, height=H, fps=25, audio=True) as w:
         for k in range(3):
             w.write(_frames(12 * k, 12), audio[12 * k * 640:12 * (k + 1) * 640])
         with pytest.raises(ValueError, match="audio=True"):
@@ -377,7 +378,7 @@ def test_mp4_writer_takes_audio_chunk_by_chunk(tmp_path):
 
 def test_mp4_writer_short_audio_and_video_only(tmp_path):
     p = tmp_path / "short.mp4"
-    with media.MP4Writer(p, width=W, height=H, audio=np.full(SR // 2, 0.1, np.float32)) as w:
+    with MP4Writer(p, width=W, height=H, audio=np.full(SR // 2, 0.1, np.float32)) as w:
         for k in range(3):
             w.write(_frames(12 * k, 12))
     kinds, frames, dec = _decode(p)
@@ -385,7 +386,7 @@ def test_mp4_writer_short_audio_and_video_only(tmp_path):
     assert SR // 2 <= len(dec) < SR // 2 + 2048  # the audio track simply ends early
 
     p = tmp_path / "silent.mp4"
-    with media.MP4Writer(p, width=W, height=H) as w:
+    with MP4Writer(p, width=W, height=H) as w:
         w.write(_frames(0, 5))
         w.write(_frames(5, 7))
     kinds, frames, _ = _decode(p)
@@ -395,7 +396,7 @@ def test_mp4_writer_short_audio_and_video_only(tmp_path):
 _KILLED = textwrap.dedent("""
     import os, sys
     import numpy as np
-    from liveavatar.io.media import MP4Writer
+    from liveavatar.io.mp4 import MP4Writer
     sys.path.insert(0, {tests!r})
     from test_media import _frames, _speech_like
     w = MP4Writer({path!r}, width={W}, height={H}, audio=_speech_like(3.0))
@@ -422,36 +423,36 @@ def test_mp4_writer_killed_process_leaves_playable_partial(tmp_path):
 def test_mp4_writer_abort_and_misuse(tmp_path):
     p = tmp_path / "a.mp4"
     with pytest.raises(KeyError):
-        with media.MP4Writer(p, width=W, height=H) as w:
+        with MP4Writer(p, width=W, height=H) as w:
             w.write(_frames(0, 12))
             raise KeyError("generation failed")
     assert not p.exists() and w.partial_path.exists()
     assert len(_decode(w.partial_path)[1]) == 12
 
-    w = media.MP4Writer(tmp_path / "b.mp4", width=W, height=H)
+    w = MP4Writer(tmp_path / "b.mp4", width=W, height=H)
     with pytest.raises(ValueError, match="uint8 frames"):
         w.write(np.zeros((2, H, W, 3), np.float32))
     with pytest.raises(ValueError, match="uint8 frames"):
         w.write(np.zeros((2, H + 2, W, 3), np.uint8))
-    w.abort()  # nothing written: nothing kept
-    assert not w.partial_path.exists()
+    w.abort()  # nothing written: nothing was ever created
+    assert w.partial_path is None and list(tmp_path.glob("b*")) == []
     with pytest.raises(RuntimeError):
         w.write(_frames(0, 1))
 
-    w = media.MP4Writer(tmp_path / "c.mp4", width=W, height=H)
+    w = MP4Writer(tmp_path / "c.mp4", width=W, height=H)
     with pytest.raises(ValueError, match="no frames"):
         w.close()
     assert not (tmp_path / "c.mp4").exists()
 
     with pytest.raises(ValueError, match="mono"):
-        media.MP4Writer(tmp_path / "d.mp4", width=W, height=H, audio=np.zeros((2, 100), np.float32))
+        MP4Writer(tmp_path / "d.mp4", width=W, height=H, audio=np.zeros((2, 100), np.float32))
     assert not (tmp_path / "d.partial.mp4").exists()
 
 
 def test_mp4_writer_unwritable_location(tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    with pytest.raises(UserError, match="--save_file"):
-        media.MP4Writer(blocker / "out.mp4", width=W, height=H)  # parent is a file
+    with pytest.raises(UserError, match="not a folder"):
+        MP4Writer(blocker / "out.mp4", width=W, height=H)  # parent is a file
     with pytest.raises(UserError, match="is a directory"):
-        media.MP4Writer(tmp_path, width=W, height=H)
+        MP4Writer(tmp_path, width=W, height=H)
