@@ -351,29 +351,41 @@ def read_pth_metadata(path: str | Path) -> dict[str, TensorMeta]:
 
 def _check_torch_zip(path: Path) -> None:
     """A UserError unless `path` is a zip archive in the layout of `torch.save` (`<name>/data.pkl`)."""
+    size, head, infos = _zip_directory(path)
+    if size == 0:
+        raise UserError(f"{path} is empty (0 bytes); re-download it")
+    if infos is None and head.startswith(b"PK\x03\x04"):
+        raise UserError(f"{path} cannot be opened as a torch checkpoint, it is probably truncated or corrupt "
+                        f"(the zip directory at its end is missing); re-download it")
+    if infos is None and head.startswith(b"\x80"):
+        raise UserError(f"{path} is in the legacy (non-zip) torch.save format, which is not supported; "
+                        f"re-download the official file")
+    if infos is None:
+        raise UserError(f"{path} is not a torch checkpoint (a torch.save zip archive); re-download it")
+    if not any(i.filename.count("/") == 1 and i.filename.endswith("/data.pkl") for i in infos):
+        raise UserError(f"{path} is a zip archive but not a torch checkpoint (no <name>/data.pkl in it); "
+                        f"re-download it")
+    huge = next((i for i in infos if i.file_size > size), None)
+    if huge is not None:  # torch.save stores records uncompressed; torch would allocate the claimed size
+        raise UserError(f"{path} has a damaged zip directory (record {_brief(huge.filename)} claims "
+                        f"{huge.file_size} bytes, more than the whole file); re-download it")
+
+
+def _zip_directory(path: Path) -> tuple[int, bytes, list[zipfile.ZipInfo] | None]:
+    """(file size, first 4 bytes, zip records or None when it is not a zip archive)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
             head = fh.read(4)
-        names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else None
+        if not zipfile.is_zipfile(path):
+            return size, head, None
+        with zipfile.ZipFile(path) as zf:
+            return size, head, zf.infolist()
     except OSError as exc:
         raise UserError(f"{path} cannot be read ({_reason(exc)}); check the file and its permissions") from None
     except Exception as exc:  # zipfile reports a damaged directory with several exception types
         raise UserError(f"{path} cannot be opened as a torch checkpoint, it is probably truncated or corrupt "
                         f"({_reason(exc)}); re-download it") from None
-    if size == 0:
-        raise UserError(f"{path} is empty (0 bytes); re-download it")
-    if names is None and head.startswith(b"PK\x03\x04"):
-        raise UserError(f"{path} cannot be opened as a torch checkpoint, it is probably truncated or corrupt "
-                        f"(the zip directory at its end is missing); re-download it")
-    if names is None and head.startswith(b"\x80"):
-        raise UserError(f"{path} is in the legacy (non-zip) torch.save format, which is not supported; "
-                        f"re-download the official file")
-    if names is None:
-        raise UserError(f"{path} is not a torch checkpoint (a torch.save zip archive); re-download it")
-    if not any(n.count("/") == 1 and n.endswith("/data.pkl") for n in names):
-        raise UserError(f"{path} is a zip archive but not a torch checkpoint (no <name>/data.pkl in it); "
-                        f"re-download it")
 
 
 _PICKLED_OBJECT = re.compile(r"GLOBAL ([\w.]+)|unrecognized function|new object|is blocked|must be imported")
@@ -535,13 +547,14 @@ def _plain_file_name(name: str) -> bool:
 def _index_entry_problem(index: Path, key: str, fname: object) -> str | None:
     """Why the index entry key -> fname is refused, or None: the file must be a plain name inside the
     checkpoint folder (no separators, no '..', not absolute, no control characters)."""
-    if not key.isprintable():
-        return f"{index}: entry {_brief(key)} is not a tensor name (control characters); re-download it"
+    entry = key if key.isprintable() else _brief(key)
     if not isinstance(fname, str):
-        return f"{index}: entry {key} maps to a JSON {_json_type(fname)}, not a file name; re-download it"
+        return f"{index}: entry {entry} maps to a JSON {_json_type(fname)}, not a file name; re-download it"
     if not _plain_file_name(fname):
-        return (f"{index}: entry {key} names the file {_brief(fname)}, which is refused: only a plain file name "
+        return (f"{index}: entry {entry} names the file {_brief(fname)}, which is refused: only a plain file name "
                 f"inside {index.parent} is read; re-download the index")
+    if not key.isprintable():
+        return f"{index}: entry {entry} is not a tensor name (control characters); re-download it"
     return None
 
 
@@ -679,7 +692,9 @@ def _checked_dit_files(root: Path, model: nn.Module) -> tuple[dict[Path, list[st
     if problems:
         raise UserError(f"DiT weights in {root} are incomplete: {_summarize(problems)}")
     metas, where, problems, _ = _dit_headers(shards)
-    problems += _compare(state_shapes(model), metas) + _dtype_problems(metas)
+    if problems:  # the tensors of an unreadable shard would all be reported missing: name the shard only
+        raise UserError(f"DiT weights in {root} are damaged: {_summarize(problems)}")
+    problems = _compare(state_shapes(model), metas) + _dtype_problems(metas)
     if problems:
         raise UserError(f"DiT weights in {root} do not match the model: {_summarize(problems)}; "
                         f"check --ckpt_dir and --preset")
