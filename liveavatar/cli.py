@@ -206,7 +206,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     image = args.image or str(media.example_image_path())
     audio = args.audio or str(media.example_audio_path())
-    out = OutputFile(args.save_file or _default_save_file(args), what="output video", overwrite=args.overwrite,
+    save_file = _default_save_file(args) if args.save_file is None else args.save_file
+    out = OutputFile(save_file, what="output video", overwrite=args.overwrite,
                      inputs=(image, audio), rename_if_taken=args.save_file is None)
     inputs = Inputs.load(image, audio, opts)  # every input is checked before any weight is loaded
     for line in inputs.warnings():
@@ -247,13 +248,15 @@ def _generate(args, preset, opts, inputs, out, start: float) -> int:
                   f"{out.path}", file=sys.stderr)
             bar = tqdm(total=session.num_blocks, unit="block", file=sys.stderr, dynamic_ncols=True)
             t1 = time.time()
-            for chunk in session:
-                writer.write(chunk.frames, chunk.audio)
-                first = first or time.time() - start
-                frames += len(chunk.frames)
-                bar.set_postfix_str(f"{frames} frames, {frames / (time.time() - t1):.2f} fps")
-                bar.update(1)
-            bar.close()
+            try:
+                for chunk in session:
+                    writer.write(chunk.frames, chunk.audio)
+                    first = first or time.time() - start
+                    frames += len(chunk.frames)
+                    bar.set_postfix_str(f"{frames} frames, {frames / (time.time() - t1):.2f} fps")
+                    bar.update(1)
+            finally:
+                bar.close()  # ends its line: any message after it stands alone
         path = writer.close()
     except (KeyboardInterrupt, Terminated) as stop:
         writer.abort()
@@ -489,7 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a command-line error already printed on one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except UserError as exc:

@@ -121,8 +121,9 @@ class OutputFile:
         except OSError as e:
             f.close()
             self._remove_dirs()
-            raise UserError(f"cannot write the {self.what} {str(self.path)!r} ({e.strerror or e}); "
-                            "free some space or choose another location") from None
+            why = "the disk is full" if is_disk_full(e) else (e.strerror or str(e))
+            raise UserError(f"cannot write the {self.what} {str(self.path)!r} ({why}); "
+                            f"free some space or choose another location with {self.flag}") from None
         except BaseException:
             f.close()
             raise

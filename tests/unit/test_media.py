@@ -167,6 +167,57 @@ def test_reference_image_applies_exif_orientation(tmp_path):
     assert t[:, :200].mean() > 0.9 and t[:, -200:].mean() < -0.9  # the white half is now on top
 
 
+def _load_rgb(path, size=128 * 128):
+    t, _ = media.load_reference_image(path, size)
+    return ((t + 1) / 2 * 255).round().permute(1, 2, 0).numpy()  # [H, W, 3] in 0..255
+
+
+def test_reference_image_modes_decode_to_the_right_colours(tmp_path):
+    """16-bit, palette, grey, CMYK, alpha and float images give the 8-bit RGB a viewer shows."""
+    ramp16 = np.tile(np.linspace(0, 65535, 128), (128, 1)).astype(np.uint16)
+    Image.fromarray(ramp16).save(tmp_path / "g16.png")  # PIL mode I;16: its own convert("RGB") clips to white
+    got = _load_rgb(tmp_path / "g16.png")
+    np.testing.assert_allclose(got[:, :, 0], np.tile(np.linspace(0, 255, 128), (128, 1)), atol=1.01)
+    assert np.array_equal(got[..., 0], got[..., 1])
+
+    rgb = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).convert("L").save(tmp_path / "grey.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "pal.png")
+    for name, want, tol in (("grey.png", np.asarray(Image.fromarray(rgb).convert("L"))[..., None], 0.01),
+                            ("cmyk.jpg", rgb, 12.0), ("pal.png", np.asarray(Image.fromarray(rgb).convert("P")
+                                                                                 .convert("RGB")), 0.01)):
+        got = _load_rgb(tmp_path / name)
+        assert np.abs(got - want).mean() <= tol, name
+
+    rgba = np.zeros((128, 128, 4), np.uint8)
+    rgba[:64, :, :3], rgba[:64, :, 3] = (200, 10, 10), 255  # top half opaque red, bottom transparent
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    got = _load_rgb(tmp_path / "rgba.png")
+    assert np.array_equal(got[10, 10], [200, 10, 10]) and np.array_equal(got[100, 10], media.IMAGE_BACKGROUND)
+    Image.fromarray(rgba).convert("LA").save(tmp_path / "la.png")
+    assert np.array_equal(_load_rgb(tmp_path / "la.png")[100, 10], media.IMAGE_BACKGROUND)
+    pal = Image.fromarray(rgba[..., :3]).convert("P")
+    pal.save(tmp_path / "pal_t.png", transparency=pal.getpixel((10, 100)))  # (x, y): the bottom half
+    assert np.array_equal(_load_rgb(tmp_path / "pal_t.png")[100, 10], media.IMAGE_BACKGROUND)
+
+    Image.fromarray(np.full((128, 128), 0.5, np.float32), mode="F").save(tmp_path / "f.tiff")
+    assert np.allclose(_load_rgb(tmp_path / "f.tiff"), 128, atol=1)
+
+
+@pytest.mark.parametrize("sr,channels,subtype", [(8000, 1, "PCM_U8"), (96000, 2, "PCM_24"), (44100, 6, "FLOAT"),
+                                                  (22050, 1, "DOUBLE"), (16000, 4, "PCM_32")])
+def test_unusual_but_valid_speech_files_load(tmp_path, sr, channels, subtype):
+    t = np.arange(sr) / sr
+    x = 0.4 * np.sin(2 * np.pi * 220 * t)
+    p = tmp_path / "s.wav"
+    sf.write(p, np.repeat(x[:, None], channels, 1), sr, subtype=subtype)
+    info = media.open_speech(p)
+    wave = media.load_audio(p)
+    assert info.num_samples == len(wave) == 16000 and info.rate == sr
+    assert abs(np.sqrt(np.mean(wave**2)) - 0.4 / np.sqrt(2)) < 0.02
+
+
 def test_reference_image_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         media.load_reference_image(tmp_path / "missing.png", 704 * 384)

@@ -189,3 +189,20 @@ def test_encode_text_trims_to_real_tokens():
     assert torch.equal(out, unpadded)
     # Pad keys are masked out, so the official padded 512-token pass gives the same real-token outputs.
     torch.testing.assert_close(out, full, rtol=0, atol=1e-5)
+
+
+def test_a_long_prompt_is_truncated_with_a_warning():
+    """A prompt longer than the encoder's 512 tokens is cut (as the official tokenizer does) and the
+    session says so; it is neither an error nor a crash."""
+    import torch
+
+    from liveavatar import Pipeline
+    from liveavatar.engine.conditioning import encode_conditioning
+
+    pipe = Pipeline.tiny(seed=0)
+    prompt = "a person talking " * 100  # 1,700 bytes: 1,701 tokens with the built-in byte tokenizer
+    assert pipe.tokenizer.num_tokens(prompt) > 512 >= pipe.tokenizer.num_tokens("a person talking")
+    cond = encode_conditioning(pipe, torch.zeros(3, 128, 128), prompt)
+    assert cond.warnings and "reads the first 512" in cond.warnings[0]
+    assert torch.isfinite(cond.text).all() and cond.text.shape[1] == 512
+    assert encode_conditioning(pipe, torch.zeros(3, 128, 128), "a person talking").warnings == ()
