@@ -10,6 +10,12 @@ mappings are the LoRA's peft naming and wav2vec2's prefix and weight-norm names.
 (safetensors header, `.pth` zip directory) are read here too, so that every file is checked against
 the meta-built model before any weight is read; `liveavatar.io.verify` reuses them for the header-only
 checks and `liveavatar.io.ckpt_writer` writes files in these formats.
+
+Whatever the bytes on disk, every reader and loader here returns or raises `UserError` naming the file,
+the problem and the fix, never another exception: headers are checked as strictly as the libraries
+read them, declared sizes before anything is allocated, the shard index may only name plain files in
+the checkpoint folder, `.pth` pickles are loaded with `weights_only=True` (objects and code refused),
+and DiT and LoRA weights are checked for NaN/Inf as they are loaded and merged.
 """
 
 from __future__ import annotations
