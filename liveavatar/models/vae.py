@@ -27,6 +27,13 @@ CACHE_T = 2  # frames of history kept per temporal conv (kernel 3, causal)
 Caches = list[Tensor | None]
 
 
+def _slow_cpu_conv3d(x: Tensor) -> bool:
+    """Whether PyTorch's CPU conv3d would take its slow reference kernel for input `x` (float32, batch
+    of one, B·C·T·H at most 20,480: its oneDNN heuristic)."""
+    b, c, t, h, _ = x.shape
+    return x.device.type == "cpu" and x.dtype == torch.float32 and b == 1 and b * c * t * h <= 20480
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded causally in time: 2*p_t frames in front (zeros or cached frames), symmetric in space.
 
@@ -51,7 +58,21 @@ class CausalConv3d(nn.Conv3d):
             prev = caches[self.slot]
             x = torch.cat([prev, x], 2) if prev is not None else F.pad(x, (0, 0, 0, 0, self.t_pad, 0))
             caches[self.slot] = x[:, :, -CACHE_T:].clone()
+        if _slow_cpu_conv3d(x) and self.stride[0] == 1 and x.shape[3] * x.shape[4] >= 4096:
+            return self._time_in_batch(x)
         return super().forward(x)
+
+    def _time_in_batch(self, x: Tensor) -> Tensor:
+        """The same convolution with each output frame's input window as a batch entry: PyTorch's CPU
+        conv3d then takes its oneDNN kernel instead of the slow reference one it picks for a batch of
+        one small tensor (3-4x faster for the tiny preset's wide, thin layers; same sums, in another
+        order: differences of ~1e-6 relative)."""
+        b, c, t, h, w = x.shape
+        kt = self.kernel_size[0]
+        n = t - kt + 1
+        windows = x.unfold(2, kt, 1).permute(0, 2, 1, 5, 3, 4).reshape(b * n, c, kt, h, w)
+        y = super().forward(windows)  # [B·n, C_out, 1, H', W']
+        return y.view(b, n, *y.shape[1:2], *y.shape[3:]).transpose(1, 2)
 
 
 class RMSNorm(nn.Module):
@@ -63,6 +84,8 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu":  # x·rsqrt(Σx²): the same within 1 ulp, several times faster on CPU
+            return x * x.square().sum(1, keepdim=True).clamp_min_(1e-24).rsqrt_() * (self.gamma * self.scale)
         return F.normalize(x, dim=1) * (self.gamma * self.scale)
 
 
