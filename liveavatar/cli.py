@@ -235,11 +235,11 @@ def _generate(args, preset, opts, inputs, out, start: float) -> int:
                        sample_rate=media.SAMPLE_RATE)
     frames, first, t0 = 0, None, time.time()
     try:
-        if preset.name == "tiny":
+        if args.ckpt_dir is None:  # the built-in tiny model (the real one needs --ckpt_dir, checked above)
             pipe = Pipeline.tiny(device=device, runtime=runtime)
         else:
             pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
-                                            runtime=runtime)
+                                            dtype=getattr(torch, preset.dtype), runtime=runtime)
         with pipe.session(inputs, prompt=args.prompt, options=opts) as session:
             for line in session.warnings:
                 print(f"warning: {line}", file=sys.stderr)
@@ -410,7 +410,8 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream a talking-avatar video from an image, speech and a prompt",
                        description="Generate a talking video. Flags follow the official s2v_streaming_interact.py.")
     p.add_argument("--preset", default="s2v-14b", choices=sorted(PRESETS),
-                   help="s2v-14b (real weights, needs --ckpt_dir) or tiny (built-in random model, CPU demo)")
+                   help="s2v-14b (real weights, needs --ckpt_dir) or tiny (the built-in random model, a CPU "
+                        "demo; with --ckpt_dir, a checkpoint of tiny size)")
     p.add_argument("--ckpt_dir", default=None, help="the Wan2.2-S2V-14B folder")
     p.add_argument("--lora_path_dmd", "--lora_path", dest="lora_path_dmd", default=None,
                    help="Live Avatar LoRA (liveavatar.safetensors or the folder holding it)")

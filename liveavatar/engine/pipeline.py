@@ -113,15 +113,24 @@ class Pipeline:
                         runtime: RuntimeConfig | None = None) -> Pipeline:
         """The real model from the official folders: `Wan2.2-S2V-14B/` and the Live Avatar LoRA.
 
-        With `runtime.offload_model` the text and audio encoders live in host memory and move to the
-        device only while they run; with `runtime.t5_cpu` the text encoder runs on the CPU."""
+        Every file is checked from its header first (seconds, nothing loaded), so a damaged file is
+        reported before the 32 GB DiT is read. With `runtime.offload_model` the text and audio encoders
+        live in host memory and move to the device only while they run; with `runtime.t5_cpu` the text
+        encoder runs on the CPU."""
         from liveavatar.config import S2V_14B
+        from liveavatar.errors import UserError
         from liveavatar.io import checkpoint as ck
+        from liveavatar.io.verify import verify_checkpoint
         from liveavatar.models.t5 import TextTokenizer
         from liveavatar.models.wav2vec2 import AudioEncoder
 
         preset = preset or S2V_14B
         runtime = runtime or RuntimeConfig()
+        report = verify_checkpoint(ckpt_dir, lora_path=lora_path, preset=preset)
+        if not report.ok:
+            problems = report.problems
+            raise UserError(f"the checkpoint {ckpt_dir} has {len(problems)} problem(s), the first: {problems[0]}; "
+                            f"`liveavatar check-ckpt --ckpt_dir {ckpt_dir}` lists them all")
         paths = ck.ckpt_paths(ckpt_dir)
         enc_dev = "cpu" if runtime.offload_model else device
         tokenizer = TextTokenizer.from_folder(paths.tokenizer, preset.t5.text_len)
