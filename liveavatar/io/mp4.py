@@ -166,6 +166,15 @@ class MP4Writer:
         if len(frames) == 0:
             return
         n0 = self.frames_written
+        try:
+            packets, n1 = self._encode(frames, n0)
+        except av.FFmpegError as e:
+            raise UserError(f"the encoder failed on frame {n0} ({e}); {self._kept()}") from None
+        self._write_fragment(packets)
+        self.frames_written = n1
+
+    def _encode(self, frames: np.ndarray, n0: int) -> tuple[list[av.Packet], int]:
+        """Encode frames n0.. and the audio that plays with them -> (packets, frame count after them)."""
         packets = []
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
@@ -178,8 +187,12 @@ class MP4Writer:
         n1 = n0 + len(frames)
         if self._audio is not None:
             packets += self._audio_packets_until(n1 * self.sample_rate // self.fps, final=not self._incremental)
-        self._write_fragment(packets)
-        self.frames_written = n1
+        return packets, n1
+
+    def _kept(self) -> str:
+        if self.partial_path is None:
+            return "nothing was written"
+        return f"{str(self.partial_path)!r} keeps the {self.frames_written} frames written so far and plays"
 
     def _write_fragment(self, packets: list[av.Packet]) -> None:
         """Mux `packets` with a fresh muxer and append its boxes (the init segment only once)."""

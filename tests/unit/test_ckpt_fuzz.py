@@ -282,7 +282,14 @@ def test_random_index_contents(files, data):
     wm = index.get("weight_map") if isinstance(index, dict) else None
     refused = [v for v in (wm.values() if isinstance(wm, dict) else ())
                if not isinstance(v, str) or v in OUTSIDE or "/" in v or "\\" in v or ".." in v or "\x00" in v]
-    if refused:  # an entry that is not a plain file name in the folder is refused by name, never read
+    try:
+        json.dumps(index, allow_nan=False)
+        strict = True
+    except ValueError:  # NaN or infinity written as JSON's non-standard tokens: the index is not JSON
+        strict = False
+    if not strict:
+        assert model is None and any("not valid JSON" in p for p in report.problems), report.problems
+    elif refused:  # an entry that is not a plain file name in the folder is refused by name, never read
         assert model is None and not report.ok
         assert any("which is refused" in p or "not a file name" in p for p in report.problems), report.problems
 

@@ -221,3 +221,21 @@ def test_an_input_is_never_an_output(tmp_path):
         with pytest.raises(UserError, match="is the input"):
             OutputFile(tmp_path / name, overwrite=True, inputs=(str(src),))
     assert src.read_bytes() == b"RIFF"
+
+
+def test_an_encoder_failure_is_one_line_and_keeps_what_was_written(tmp_path):
+    from liveavatar.io.mp4 import MP4Writer
+
+    w = MP4Writer(tmp_path / "v.mp4", width=64, height=64, audio=True)
+    frames = np.zeros((12, 64, 64, 3), np.uint8)
+    w.write(frames, np.zeros(12 * 640, np.float32))
+
+    class Broken:
+        def encode(self, frame):
+            raise av.FFmpegError(-5, "Input/output error")
+
+    w._video = Broken()
+    with pytest.raises(UserError, match=r"the encoder failed on frame 12 .*keeps the 12 frames written so far"):
+        w.write(frames, np.zeros(12 * 640, np.float32))
+    w.abort()
+    assert _frames(w.partial_path) == 12
