@@ -33,9 +33,10 @@ from liveavatar.engine.audio_features import MODES, AudioWindows
 from liveavatar.engine.conditioning import Conditioning, audio_features, encode_conditioning
 from liveavatar.engine.decode import DecodeStage
 from liveavatar.engine.denoise import DenoiseStage
+from liveavatar.engine.frontend import Frontend
 from liveavatar.engine.sampler import make_schedule
 from liveavatar.engine.speech import SpeechStream
-from liveavatar.engine.task import DROP_FIRST_FRAMES, StreamLength, TaskPlan, samples_before_block, stream_length
+from liveavatar.engine.task import DROP_FIRST_FRAMES, BlockTask, StreamLength, TaskPlan
 from liveavatar.errors import UserError
 from liveavatar.io import media
 from liveavatar.models.layout import SinkLayout
@@ -158,29 +159,19 @@ class Session:
         """Stages and caches of a generation, not yet conditioned: use `Pipeline.session` (or
         `Session.restore`)."""
         check_options(opts)
-        cfg = pipe.preset.dit
-        self.pipe, self.opts, self.height, self.width, self.speech = pipe, opts, height, width, speech
-        self.fps, self.sr = pipe.preset.fps, media.SAMPLE_RATE
-        self.frames_per_block = 4 * cfg.frames_per_block  # video frames
-        self.blocks_per_clip = opts.infer_frames // self.frames_per_block
+        self.pipe, self.opts, self.height, self.width = pipe, opts, height, width
         self.schedule = make_schedule(pipe.preset.sampler, opts.sample_steps)
-        h, w = height // 8, width // 8
-        self.layout = SinkLayout(h, w, cfg.zip_frame_buckets)
-        self.plan = TaskPlan(opts.seed, len(self.schedule), (cfg.in_dim, h, w), pipe.dtype, cfg.frames_per_block,
-                             self.blocks_per_clip, cfg.rsfm_d_range, opts.sink_refresh)
-        self.features = audio_features(pipe, speech, opts.audio_encoding, AudioWindows(*opts.audio_window),
-                                       opts.one_pass_max_seconds)
+        self.layout = SinkLayout(height // 8, width // 8, pipe.preset.dit.zip_frame_buckets)
+        self.frontend = make_frontend(pipe, opts, self.layout, speech)
         parts = opts.denoise_stages or (len(self.schedule),)
         firsts = np.cumsum((0, *parts[:-1])).tolist()
         self.denoise = [DenoiseStage(pipe.dit, self.schedule, range(a, a + k), self.layout, pipe.device, pipe.dtype,
                                      pipe.runtime) for a, k in zip(firsts, parts, strict=True)]
         self.decode = DecodeStage(pipe.vae, pipe.device)
         self.cond: Conditioning | None = None
-        self.next_block = 0  # the next block to generate
-        self.emitted = 0  # output frames given out so far
         self.first_latent: torch.Tensor | None = None  # block 0's first clean latent (the sink refresh)
         self.decode_started = False
-        self._latents: list[torch.Tensor] = []  # offline decode: clean latents not decoded yet
+        self._pending: list[tuple[BlockTask, torch.Tensor]] = []  # offline decode: denoised, not decoded
         self.closed = False
 
     @classmethod
@@ -192,7 +183,15 @@ class Session:
             stage.start(session.cond.text, session.cond.ref_latent, session.cond.motion_latents)
         return session
 
-    # -- speech ------------------------------------------------------------------------------------
+    # -- speech and length ---------------------------------------------------------------------------
+
+    @property
+    def speech(self) -> SpeechStream:
+        return self.frontend.speech
+
+    @property
+    def features(self):
+        return self.frontend.features
 
     def push_audio(self, samples) -> None:
         """Append 16 kHz mono speech samples (any length) to a session made without audio."""
@@ -212,16 +211,14 @@ class Session:
         """16 kHz samples of speech received so far (a restored pushed session continues from here)."""
         return self.speech.arrived
 
-    # -- length ------------------------------------------------------------------------------------
+    @property
+    def next_block(self) -> int:
+        return self.frontend.next_block
 
     @property
     def length(self) -> StreamLength | None:
         """Clips, blocks and frames of the whole video, once the speech length is known."""
-        total = self.speech.total
-        if total is None:
-            return None
-        return stream_length(total, self.opts.infer_frames, self.opts.num_clip, self.fps,
-                             self.pipe.preset.dit.frames_per_block, self.sr)
+        return self.frontend.length
 
     @property
     def num_frames(self) -> int | None:
@@ -237,106 +234,51 @@ class Session:
 
     @property
     def done(self) -> bool:
-        return self._exists(self.next_block) is False
-
-    def _exists(self, n: int) -> bool | None:
-        """Whether block n is part of the video (None: not known until more speech arrives)."""
-        if self.opts.num_clip is not None and n >= self.opts.num_clip * self.blocks_per_clip:
-            return False
-        if n == 0:
-            return True
-        threshold = samples_before_block(n, self.fps, self.pipe.preset.dit.frames_per_block, self.sr)
-        if not self.speech.have(threshold + 1):
-            return None
-        return n < self.length.num_blocks if self.length is not None else True
-
-    def _mux_start(self, frame: int) -> int:
-        """Speech sample that plays with output frame `frame`."""
-        return self.opts.audio_offset_frames * self.sr // self.fps + frame * self.sr // self.fps
-
-    def _ready(self, n: int) -> bool:
-        """Block n's audio features and muxed audio can be computed now."""
-        end = self.frames_per_block * (n + 1)
-        return (self.features.ready(end)
-                and self.speech.have(self._mux_start(end - DROP_FIRST_FRAMES)))
+        return self.frontend.done and not self._pending
 
     # -- the scheduler -----------------------------------------------------------------------------
 
     def _wait_ready(self, wait: bool) -> bool | None:
         """Wait (if `wait`) until the next block can run: True to run it, False when the video is over,
         None when more speech is needed and `wait` is off."""
-        n = self.next_block
-        while True:
-            exists = self._exists(n)
-            if exists is False:
-                return False
-            if exists and self._ready(n):
-                return True
-            if not wait:
-                return None
-            self.speech.wait(timeout=1.0)
+        while (ready := self.frontend.ready()) is None and wait:
+            self.frontend.wait()
+        return ready
 
-    def _denoise_next(self) -> torch.Tensor:
-        """Run every denoise stage on the next block; returns its clean latents [1, C, F, h, w]."""
-        n = self.next_block
-        task = self.plan.task(n, self.features.frames(self.frames_per_block * n, self.frames_per_block * (n + 1)))
+    def _denoise_next(self) -> tuple[BlockTask, torch.Tensor]:
+        """Run every denoise stage on the next block: (its task, its clean latents [1, C, F, h, w])."""
+        task = self.frontend.take()
         if task.refresh_sink:
             for stage in self.denoise:
                 stage.refresh(self.first_latent)
         z = None
         for stage in self.denoise:
             z = stage(task, z)
-        if n == 0:
+        if task.index == 0:
             self.first_latent = z[:, :, :1].clone()
-        self.next_block += 1
-        return z
+        return task, z
 
-    def _decode(self, n: int, z: torch.Tensor) -> Chunk | None:
-        """Decode block n's latents into its chunk (None when it adds no frame to the video)."""
+    def _decode(self, task: BlockTask, z: torch.Tensor) -> Chunk | None:
+        """Decode a block into its chunk (None when it adds no frame to the video)."""
         if not self.decode_started:
             self.decode.start(self.cond.motion_latents)
             self.decode_started = True
-        frames = self.decode(z)
-        if n == 0:
-            frames = frames[DROP_FIRST_FRAMES:]
-        limit = self._frame_limit()
-        if limit is not None:
-            frames = frames[: max(0, limit - self.emitted)]
-        if len(frames) == 0:
-            return None
-        e0, e1 = self.emitted, self.emitted + len(frames)
-        chunk = Chunk(n, e0, frames, self.speech.read(self._mux_start(e0), self._mux_start(e1)))
-        self.emitted = e1
-        return chunk
-
-    def _frame_limit(self) -> int | None:
-        if self.length is not None:
-            return self.length.num_frames
-        if self.opts.num_clip is not None:
-            return self.opts.num_clip * self.opts.infer_frames - DROP_FIRST_FRAMES
-        return None
-
-    def _release(self) -> None:
-        self.speech.release(min(self.features.keep_from(), self._mux_start(self.emitted)))
+        return output_chunk(task, self.decode(z))
 
     def _chunks(self, wait: bool) -> Iterator[Chunk]:
         self._check_open()
         if not self.opts.online_decode:  # every latent first, then the decode (same frames)
             while (ready := self._wait_ready(wait)) is True:
-                self._latents.append(self._denoise_next())
+                self._pending.append(self._denoise_next())
             if ready is None:
                 return
-            first = self.next_block - len(self._latents)
-            while self._latents:
-                chunk = self._decode(first, self._latents.pop(0))
-                first += 1
+            while self._pending:
+                chunk = self._decode(*self._pending.pop(0))
                 if chunk is not None:
                     yield chunk
             return
         while self._wait_ready(wait):
-            n = self.next_block
-            chunk = self._decode(n, self._denoise_next())
-            self._release()
+            chunk = self._decode(*self._denoise_next())
             if chunk is not None:
                 yield chunk
 
@@ -354,8 +296,7 @@ class Session:
         session cannot decode afterwards). With `wait` off, stops where more speech is needed."""
         self._check_open()
         while self._wait_ready(wait):
-            yield self._denoise_next()
-            self._release()
+            yield self._denoise_next()[1]
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -366,16 +307,15 @@ class Session:
     def state_dict(self) -> dict:
         """Everything needed to continue this session elsewhere: tensors and plain values only."""
         self._check_open()
-        if self._latents:
+        if self._pending:
             raise UserError("a session decoding offline cannot be saved mid-way; use online decode")
-        speech = self.speech.state_dict()
-        speech["samples"] = torch.from_numpy(speech["samples"])
+        frontend = self.frontend.state_dict()
+        frontend["speech"]["samples"] = torch.from_numpy(frontend["speech"]["samples"])
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "preset": self.pipe.preset.name,
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "height": self.height, "width": self.width,
-            "options": asdict(self.opts), "next_block": self.next_block, "emitted": self.emitted,
-            "first_latent": self.first_latent, "decode_started": self.decode_started,
-            "conditioning": self.cond.tensors(), "speech": speech, "features": self.features.state_dict(),
+            "options": asdict(self.opts), "frontend": frontend, "first_latent": self.first_latent,
+            "decode_started": self.decode_started, "conditioning": self.cond.tensors(),
             "denoise": [stage.state_dict() for stage in self.denoise], "decode": self.decode.state_dict(),
         }
 
@@ -419,22 +359,21 @@ class Session:
                                     for k, v in state["options"].items() if k in names})
         if isinstance(audio, (str, os.PathLike)):
             audio = media.open_speech(audio)
-        arrived = int(state["speech"]["arrived"])
+        frontend = state["frontend"]
+        arrived = int(frontend["speech"]["arrived"])
         stream = speech_stream(audio if isinstance(audio, media.SpeechFile) else None, start=arrived)
-        speech = dict(state["speech"], samples=state["speech"]["samples"].numpy())
-        stream.load_state_dict(speech)
+        session = cls(pipe, int(state["height"]), int(state["width"]), opts, stream)
+        session.frontend.load_state_dict(dict(frontend, speech=dict(frontend["speech"],
+                                                                   samples=frontend["speech"]["samples"].numpy())))
         if isinstance(audio, np.ndarray) and not stream.eos:
             stream.push(audio[arrived:])
             stream.end()
-        session = cls(pipe, int(state["height"]), int(state["width"]), opts, stream)
         cond = state["conditioning"]
         session.cond = Conditioning(*(cond[k].to(pipe.device) for k in ("text", "ref_latent", "motion_latents")))
-        session.next_block, session.emitted = int(state["next_block"]), int(state["emitted"])
         session.first_latent = state["first_latent"]
         if session.first_latent is not None:
             session.first_latent = session.first_latent.to(pipe.device)
         session.decode_started = bool(state["decode_started"])
-        session.features.load_state_dict(state["features"])
         if len(state["denoise"]) != len(session.denoise):
             raise UserError("the session state has another split of denoise stages than its options")
         for stage, st in zip(session.denoise, state["denoise"], strict=True):
@@ -449,7 +388,7 @@ class Session:
         for stage in self.denoise:
             stage.close()
         self.decode.close()
-        self.cond, self.first_latent, self._latents = None, None, []
+        self.cond, self.first_latent, self._pending = None, None, []
         self.closed = True
 
     def __enter__(self) -> Session:
@@ -459,17 +398,25 @@ class Session:
         self.close()
 
 
-def muxed_audio(wave: np.ndarray, num_frames: int, fps: int = 25, offset_frames: int = DROP_FIRST_FRAMES
-                ) -> np.ndarray:
-    """The audio that plays with output frames [0, num_frames) of a whole speech `wave`: starts
-    `offset_frames` frames into it, zero-padded to the video length."""
-    sr = media.SAMPLE_RATE
-    a0 = offset_frames * sr // fps
-    a1 = (offset_frames + num_frames) * sr // fps
-    out = np.zeros(a1 - a0, np.float32)
-    seg = wave[a0:a1]
-    out[: len(seg)] = seg
-    return out
+def make_frontend(pipe, opts: GenerationOptions, layout: SinkLayout, speech: SpeechStream) -> Frontend:
+    """The frontend of a session of `pipe` with these options over `speech`."""
+    cfg = pipe.preset.dit
+    blocks_per_clip = opts.infer_frames // (4 * cfg.frames_per_block)
+    plan = TaskPlan(opts.seed, opts.sample_steps, (cfg.in_dim, layout.h, layout.w), pipe.dtype, cfg.frames_per_block,
+                    blocks_per_clip, cfg.rsfm_d_range, opts.sink_refresh)
+    features = audio_features(pipe, speech, opts.audio_encoding, AudioWindows(*opts.audio_window),
+                              opts.one_pass_max_seconds)
+    return Frontend(speech, features, plan, infer_frames=opts.infer_frames, num_clip=opts.num_clip,
+                    audio_offset_frames=opts.audio_offset_frames, fps=pipe.preset.fps, sample_rate=media.SAMPLE_RATE)
 
 
-__all__ = ["Chunk", "GenerationOptions", "Inputs", "Session", "check_options", "muxed_audio", "speech_stream"]
+def output_chunk(task: BlockTask, frames: np.ndarray) -> Chunk | None:
+    """The chunk of a block from its decoded frames: the kept ones and the speech that plays with them."""
+    lo, hi = task.keep
+    if hi <= lo:
+        return None
+    return Chunk(task.index, task.video_start, frames[lo:hi], task.speech)
+
+
+__all__ = ["Chunk", "GenerationOptions", "Inputs", "Session", "check_options", "make_frontend", "output_chunk",
+           "speech_stream"]

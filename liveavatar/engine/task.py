@@ -24,6 +24,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 DROP_FIRST_FRAMES = 3  # frames dropped at the start of the video, as the official pipelines do
@@ -55,6 +56,9 @@ class BlockTask:
     audio: torch.Tensor  # [1, 25, C_a, 4·F] audio features of the block's video frames (host memory)
     distances: tuple[int, ...]  # rolling-sink distance d of each denoising step
     refresh_sink: bool  # every denoise stage re-prefills its sink with the first generated latent first
+    video_start: int = 0  # index in the output video of the first kept frame
+    keep: tuple[int, int] = (0, 0)  # which of the block's decoded frames go into the video
+    speech: np.ndarray | None = None  # float32 16 kHz samples that play with the kept frames
 
 
 class TaskPlan:
@@ -84,10 +88,11 @@ class TaskPlan:
         f = self.frames_per_block
         return self.clip_noise(clip)[:, :, f * b: f * (b + 1)]
 
-    def task(self, n: int, audio: torch.Tensor) -> BlockTask:
+    def task(self, n: int, audio: torch.Tensor, **output) -> BlockTask:
+        """Block n's task; `output`: its video_start, keep and speech (from the frontend)."""
         return BlockTask(n, self.frames_per_block * n, self.noise(n), audio,
                          tuple(self.distances(n, i) for i in range(self.steps)),
-                         self.sink_refresh and n == self.blocks_per_clip)
+                         self.sink_refresh and n == self.blocks_per_clip, **output)
 
 
 @dataclass(frozen=True)
