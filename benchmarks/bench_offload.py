@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     streamer = apply_block_streaming(model, k, device)
     streamed = streamer.streamed
     per_forward = sum(gr.nbytes for gr in streamed) if len(streamed) > 2 else 0
-    pinned = all(gr.host.is_pinned() for gr in streamed) if device.type == "cuda" and streamed else False
+    pinned = all(gr.source.is_pinned() for gr in streamed) if device.type == "cuda" and streamed else False
     with torch.no_grad():
         text = model.embed_text(ctx)
         if args.skip_resident:

@@ -78,7 +78,9 @@ class DenoiseStage:
     """Steps `steps` (consecutive indices into `schedule`) of every block, on `device`."""
 
     def __init__(self, dit: CausalS2VDiT, schedule: Schedule, steps: Sequence[int], layout: SinkLayout,
-                 device, dtype: torch.dtype, runtime: RuntimeConfig | None = None):
+                 device, dtype: torch.dtype, runtime: RuntimeConfig | None = None, heads: int | None = None):
+        """`heads`: the attention heads this stage's caches hold (a sequence-parallel rank's share;
+        default all)."""
         self.dit, self.schedule, self.steps = dit, schedule, list(steps)
         if not self.steps or self.steps != list(range(self.steps[0], self.steps[0] + len(self.steps))):
             raise ValueError(f"a denoise stage owns consecutive steps, got {self.steps}")
@@ -86,9 +88,10 @@ class DenoiseStage:
         runtime = runtime or RuntimeConfig()
         n_dev = len(schedule) if runtime.kv_on_device is None else runtime.kv_on_device
         on_device = FP8RingKVCache if runtime.kv_fp8 else RingKVCache
-        self.rings = {i: (on_device if i < n_dev else HostRingKVCache).allocate(self.cfg, layout.fs, dtype, self.device)
+        self.rings = {i: (on_device if i < n_dev else HostRingKVCache).allocate(self.cfg, layout.fs, dtype, self.device,
+                                                                                heads=heads)
                       for i in self.steps}
-        self.sink = SinkCache.allocate(self.cfg, layout, dtype, self.device)
+        self.sink = SinkCache.allocate(self.cfg, layout, dtype, self.device, heads=heads)
         self.timesteps = torch.tensor(schedule.timesteps, dtype=torch.float32, device=self.device)
         self.text = self.motion_latents = None
 

@@ -86,6 +86,13 @@ class Attention(nn.Module):
         """x: [B, L, D] -> q, k (normed), v: [B, L, N, d]."""
         return self.heads(self.norm_q(self.q(x))), self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, layer: int) -> torch.Tensor:
+        """Self-attention core: RoPE on q and k, the attention context's keys and values (the cache),
+        softmax attention. q, k, v: [B, L, N, d] -> [B, L, N·d]. Sequence parallelism wraps this."""
+        cos, sin = ctx.rope
+        keys, values = ctx.kv(layer, k, apply_rope(k, cos, sin), v)
+        return attention(apply_rope(q, cos, sin), keys, values)
+
     def cross(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """Unmasked cross-attention. x: [B, Lq, D], ctx: [B, Lk, D] -> [B, Lq, D]."""
         q = self.heads(self.norm_q(self.q(x)))
@@ -124,10 +131,7 @@ class Block(nn.Module):
 
         h = modulate(layer_norm(x, self.eps).float(), mod[0], mod[1]).to(dtype)
         q, k, v = self.self_attn.qkv(h)
-        cos, sin = ctx.rope
-        keys, values = ctx.kv(layer, k, apply_rope(k, cos, sin), v)
-        y = attention(apply_rope(q, cos, sin), keys, values)
-        xr = x.float() + gate(self.self_attn.o(y), mod[2])
+        xr = x.float() + gate(self.self_attn.o(self.self_attn.attend(q, k, v, ctx, layer)), mod[2])
         if skip_tail:  # sink prefill, last layer: the rest of the block only feeds a discarded output
             return xr.to(dtype)
         # The official block rounds the residual to bf16 before norm3 and returns bf16, in any dtype.

@@ -51,16 +51,18 @@ class RingKVCache:
         self.k, self.v, self.fs, self.ring_frames = k, v, fs, ring_frames
 
     @staticmethod
-    def shape_for(cfg: DiTConfig, fs: int, batch: int = 1) -> tuple[int, ...]:
-        return (cfg.num_layers, batch, cfg.ring_frames * fs, cfg.num_heads, cfg.head_dim)
+    def shape_for(cfg: DiTConfig, fs: int, batch: int = 1, heads: int | None = None) -> tuple[int, ...]:
+        """`heads`: the heads this cache holds (all of them, or a sequence-parallel rank's share)."""
+        return (cfg.num_layers, batch, cfg.ring_frames * fs, heads or cfg.num_heads, cfg.head_dim)
 
     @classmethod
-    def bytes_for(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, batch: int = 1) -> int:
-        return _kv_bytes(RingKVCache.shape_for(cfg, fs, batch), dtype)
+    def bytes_for(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, batch: int = 1, heads: int | None = None) -> int:
+        return _kv_bytes(RingKVCache.shape_for(cfg, fs, batch, heads), dtype)
 
     @classmethod
-    def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1):
-        return cls(*_zeros_kv(cls.shape_for(cfg, fs, batch), dtype, device), fs, cfg.ring_frames)
+    def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1,
+                 heads: int | None = None):
+        return cls(*_zeros_kv(cls.shape_for(cfg, fs, batch, heads), dtype, device), fs, cfg.ring_frames)
 
     @property
     def ring_len(self) -> int:
@@ -117,13 +119,15 @@ class FP8RingKVCache(RingKVCache):
         self.k_scale, self.v_scale, self.dtype = k_scale, v_scale, dtype
 
     @classmethod
-    def bytes_for(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype = torch.bfloat16, batch: int = 1) -> int:
-        shape = cls.shape_for(cfg, fs, batch)
+    def bytes_for(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype = torch.bfloat16, batch: int = 1,
+                  heads: int | None = None) -> int:
+        shape = cls.shape_for(cfg, fs, batch, heads)
         return _kv_bytes(shape, torch.float8_e4m3fn) + _kv_bytes((*shape[:-1], 1), torch.float32)
 
     @classmethod
-    def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1):
-        shape = cls.shape_for(cfg, fs, batch)
+    def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1,
+                 heads: int | None = None):
+        shape = cls.shape_for(cfg, fs, batch, heads)
         k, v = _zeros_kv(shape, torch.float8_e4m3fn, device)
         ks, vs = _zeros_kv((*shape[:-1], 1), torch.float32, device)
         return cls(k, v, ks, vs, fs, cfg.ring_frames, dtype)
@@ -178,12 +182,13 @@ class HostRingKVCache(RingKVCache):
             self.stream = None
 
     @staticmethod
-    def device_bytes_for(cfg: DiTConfig, fs: int, dtype: torch.dtype, batch: int = 1) -> int:
-        return 2 * RingKVCache.bytes_for(cfg, fs, dtype, batch) // cfg.num_layers
+    def device_bytes_for(cfg: DiTConfig, fs: int, dtype: torch.dtype, batch: int = 1, heads: int | None = None) -> int:
+        return 2 * RingKVCache.bytes_for(cfg, fs, dtype, batch, heads) // cfg.num_layers
 
     @classmethod
-    def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1):
-        k, v = _zeros_kv(cls.shape_for(cfg, fs, batch), dtype, "cpu")
+    def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1,
+                 heads: int | None = None):
+        k, v = _zeros_kv(cls.shape_for(cfg, fs, batch, heads), dtype, "cpu")
         cache = cls(k, v, fs, cfg.ring_frames, device)
         if cache.device.type == "cuda":
             # Page-locked in place at their exact size (`pin_memory()` would round each up to a power of 2).
@@ -282,16 +287,18 @@ class SinkCache:
         self.k, self.v, self.layout = k, v, layout
 
     @staticmethod
-    def shape_for(cfg: DiTConfig, layout: SinkLayout, batch: int = 1) -> tuple[int, ...]:
-        return (cfg.num_layers, batch, layout.num_tokens, cfg.num_heads, cfg.head_dim)
+    def shape_for(cfg: DiTConfig, layout: SinkLayout, batch: int = 1, heads: int | None = None) -> tuple[int, ...]:
+        return (cfg.num_layers, batch, layout.num_tokens, heads or cfg.num_heads, cfg.head_dim)
 
     @classmethod
-    def bytes_for(cls, cfg: DiTConfig, layout: SinkLayout, dtype: torch.dtype, batch: int = 1) -> int:
-        return _kv_bytes(cls.shape_for(cfg, layout, batch), dtype)
+    def bytes_for(cls, cfg: DiTConfig, layout: SinkLayout, dtype: torch.dtype, batch: int = 1,
+                  heads: int | None = None) -> int:
+        return _kv_bytes(cls.shape_for(cfg, layout, batch, heads), dtype)
 
     @classmethod
-    def allocate(cls, cfg: DiTConfig, layout: SinkLayout, dtype: torch.dtype, device="cpu", batch: int = 1):
-        return cls(*_zeros_kv(cls.shape_for(cfg, layout, batch), dtype, device), layout)
+    def allocate(cls, cfg: DiTConfig, layout: SinkLayout, dtype: torch.dtype, device="cpu", batch: int = 1,
+                 heads: int | None = None):
+        return cls(*_zeros_kv(cls.shape_for(cfg, layout, batch, heads), dtype, device), layout)
 
     @property
     def nbytes(self) -> int:

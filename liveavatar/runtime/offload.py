@@ -139,14 +139,18 @@ class _Group:
     entries: list[_Entry]
     nbytes: int
     slot: int | None = None  # None: resident
-    host: torch.Tensor | None = None  # uint8 [nbytes], host memory, streamed groups only
+    source: torch.Tensor | None = None  # uint8: where a streamed group's bytes come from (host buffer, shard)
     next: _Group | None = field(default=None, repr=False)  # next streamed group in (cyclic) execution order
 
 
 class BlockStreamer:
     """The state of block streaming for one model: host buffers, two device slots, side stream, events.
 
-    Built by `apply_block_streaming`; lives as long as the model (its hooks hold it)."""
+    Built by `apply_block_streaming`; lives as long as the model (its hooks hold it). Subclasses change
+    where the streamed bytes come from (`_make_source`, `_load`, `_wait`): sharded weights gather
+    them from the ranks of a group instead of host memory."""
+
+    pad_to = ALIGN  # each group's flat buffer is a multiple of this many bytes
 
     def __init__(self, model: nn.Module, resident: int, device, pin_memory: bool | None = None):
         device = torch.device(device)
@@ -172,20 +176,17 @@ class BlockStreamer:
                     module._buffers[attr] = b.to(device)
 
         n_slots = min(2, len(self.streamed))
+        for g in self.streamed:
+            g.nbytes = -(-g.nbytes // self.pad_to) * self.pad_to
         self.slot_nbytes = max((g.nbytes for g in self.streamed), default=0)
         self.slots = [torch.empty(self.slot_nbytes, dtype=torch.uint8, device=device) for _ in range(n_slots)]
         self.loaded: list[int | None] = [None] * n_slots  # block index whose copy was last issued per slot
         for k, g in enumerate(self.streamed):
             g.slot = k % n_slots
-            host = torch.empty(g.nbytes, dtype=torch.uint8)
+            flat = torch.zeros(g.nbytes, dtype=torch.uint8)
             for e in g.entries:
-                self._view(host, e).copy_(_tensor(e))
-            if pin:
-                pinned = pin_in_place(host)
-                if pinned is host:
-                    registered.append(host)
-                host = pinned
-            g.host = host
+                self._view(flat, e).copy_(_tensor(e))
+            g.source = self._make_source(flat, pin, registered)
             for e in g.entries:  # rebinding frees the original storage
                 self._rebind(e, self._view(self.slots[g.slot], e))
         for i, g in enumerate(self.groups):
@@ -205,13 +206,26 @@ class BlockStreamer:
             self._load(g)
         self.handles = [model.blocks[g.index].register_forward_pre_hook(self._hook(g)) for g in self.groups]
 
-        # Byte accounting (the planner's numbers): host = flat buffers; device = resident tensors + slots.
+        # Byte accounting (the planner's numbers): the sources; device = resident tensors + slots (+ shards).
         resident = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
         streamed_ids = {id(_tensor(e)) for g in self.streamed for e in g.entries}  # buffers were rebound
-        self.nbytes_host = sum(g.host.numel() for g in self.streamed)
+        self.nbytes_source = sum(g.source.numel() for g in self.streamed)
+        self.nbytes_host = self.nbytes_source if self.source_on_host else 0
         self.nbytes_slots = sum(s.numel() for s in self.slots)
         self.nbytes_resident = sum(t.numel() * t.element_size() for k, t in resident.items() if k not in streamed_ids)
-        self.nbytes_device = self.nbytes_resident + self.nbytes_slots
+        on_device = 0 if self.source_on_host else self.nbytes_source
+        self.nbytes_device = self.nbytes_resident + self.nbytes_slots + on_device
+
+    source_on_host = True
+
+    def _make_source(self, flat: torch.Tensor, pin: bool, registered: list[torch.Tensor]) -> torch.Tensor:
+        """Where group bytes `flat` (host, uint8) are kept between uses: host memory, page-locked."""
+        if not pin:
+            return flat
+        pinned = pin_in_place(flat)
+        if pinned is flat:
+            registered.append(flat)
+        return pinned
 
     # ---- the schedule -----------------------------------------------------------------------
 
@@ -236,12 +250,12 @@ class BlockStreamer:
         s = g.slot
         dst = self.slots[s][: g.nbytes]
         if self.stream is None:
-            dst.copy_(g.host)
+            dst.copy_(g.source)
         else:
             self.free[s].record(torch.cuda.current_stream(self.device))
             self.stream.wait_event(self.free[s])
             with torch.cuda.stream(self.stream):
-                dst.copy_(g.host, non_blocking=True)
+                dst.copy_(g.source, non_blocking=True)
             self.ready[s].record(self.stream)
         self.loaded[s] = g.index
 
