@@ -25,7 +25,6 @@ import torch.nn as nn
 
 from liveavatar.runtime.offload import ALIGN, BlockStreamer
 
-
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
 
 
