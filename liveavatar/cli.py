@@ -78,13 +78,17 @@ def _refuse_unsupported(args: argparse.Namespace) -> None:
     if args.sample_guide_scale not in (None, 0, 0.0):
         raise UserError(f"--sample_guide_scale {args.sample_guide_scale}: the distilled model runs without "
                         "guidance; pass --sample_guide_scale 0")
+    if args.t5_fsdp:
+        raise UserError("--t5_fsdp is not supported: the text encoder runs once, on rank 0 (or with --t5_cpu); "
+                        "drop the flag")
+    from liveavatar.distributed.launch import in_torchrun
+
     multi = {"--num_gpus_dit": args.num_gpus_dit not in (None, 1), "--enable_vae_parallel": args.enable_vae_parallel,
-             "--ulysses_size": args.ulysses_size not in (None, 1), "--dit_fsdp": args.dit_fsdp,
-             "--t5_fsdp": args.t5_fsdp}
+             "--ulysses_size": args.ulysses_size not in (None, 1), "--dit_fsdp": args.dit_fsdp}
     for flag, on in multi.items():
-        if on:
-            raise UserError(f"{flag}: multi-GPU pipelines are not available in this version; run on one GPU "
-                            "(drop the flag)")
+        if on and not in_torchrun():
+            raise UserError(f"{flag} needs several processes: start the command with torchrun, e.g. `torchrun "
+                            "--nproc_per_node 5 -m liveavatar generate ... --num_gpus_dit 4 --enable_vae_parallel`")
     if args.pose_video:
         raise UserError("--pose_video is not supported (Live Avatar always runs without pose); drop the flag")
     if args.audio and "+" in args.audio and not os.path.exists(args.audio):
@@ -131,6 +135,7 @@ class Terminated(BaseException):
 
 
 def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup that follows must not be cut short
     raise Terminated()
 
 
@@ -207,8 +212,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     image = args.image or str(media.example_image_path())
     audio = args.audio or str(media.example_audio_path())
     save_file = _default_save_file(args) if args.save_file is None else args.save_file
-    out = OutputFile(save_file, what="output video", overwrite=args.overwrite,
-                     inputs=(image, audio), rename_if_taken=args.save_file is None)
+
+    def make_output():
+        return OutputFile(save_file, what="output video", overwrite=args.overwrite, inputs=(image, audio),
+                          rename_if_taken=args.save_file is None)
+
+    from liveavatar.distributed.launch import in_torchrun
+
+    if in_torchrun():
+        from liveavatar.distributed.generate import generate
+
+        _in_range("--dist_timeout", args.dist_timeout, 1, 86_400, " seconds")
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        return generate(args, preset, opts, image, audio, make_output, _runtime_from_args(args), start)
+    out = make_output()
     inputs = Inputs.load(image, audio, opts)  # every input is checked before any weight is loaded
     for line in inputs.warnings():
         print(f"warning: {line}", file=sys.stderr)
@@ -453,12 +470,17 @@ def _add_generate(sub) -> None:
     p.add_argument("--training_config", default=None, help="accepted; LoRA rank 128 / alpha 64 are built in")
     p.add_argument("--task", default="s2v-14B", choices=["s2v-14B"])
     p.add_argument("--single_gpu", action="store_true", help="accepted")
-    # Multi-GPU and memory flags: accepted, refused with a clear message until available.
-    p.add_argument("--num_gpus_dit", type=int, default=None)
-    p.add_argument("--enable_vae_parallel", action="store_true")
-    p.add_argument("--ulysses_size", type=int, default=None)
-    p.add_argument("--dit_fsdp", action="store_true")
-    p.add_argument("--t5_fsdp", action="store_true")
+    # Multi-GPU: under torchrun (every rank runs the same command).
+    p.add_argument("--num_gpus_dit", type=int, default=None,
+                   help="ranks that denoise (default: all but the decode rank); the rest decode")
+    p.add_argument("--enable_vae_parallel", action="store_true", help="decode on a rank of its own (the last one)")
+    p.add_argument("--ulysses_size", type=int, default=None,
+                   help="ranks per denoise stage that split its tokens (sequence parallel; divides the heads)")
+    p.add_argument("--dit_fsdp", action="store_true",
+                   help="shard the DiT blocks' weights across each sequence-parallel group")
+    p.add_argument("--dist_timeout", type=float, default=600.0,
+                   help="seconds any rank waits for another before giving up (default 600)")
+    p.add_argument("--t5_fsdp", action="store_true", help="not supported (refused)")
     p.add_argument("--pose_video", default=None)
     p.set_defaults(func=_cmd_generate)
 

@@ -23,22 +23,26 @@ class Pipeline:
     """Holds the models of one preset on one device; makes sessions."""
 
     def __init__(self, preset: Preset, dit: CausalS2VDiT, vae, text_encoder, tokenizer, audio_encoder,
-                 device: str | torch.device = "cpu", runtime: RuntimeConfig | None = None):
+                 device: str | torch.device = "cpu", runtime: RuntimeConfig | None = None, place_dit: bool = True):
         """`dit` is in host memory when `runtime` asks for FP8 or block streaming (they are applied
-        here), else anywhere; the other models are where they will live."""
+        here), else anywhere; the other models are where they will live (None: a model this process
+        does not need, e.g. on a rank of a multi-GPU pipeline). With `place_dit` off the DiT stays where
+        it is after FP8: the caller places it (sharded weights)."""
         self.preset, self.vae = preset, vae
         self.text_encoder, self.tokenizer, self.audio_encoder = text_encoder, tokenizer, audio_encoder
         self.device = torch.device(device)
         self.runtime = runtime or RuntimeConfig()
-        self.dtype = dit.patch_embedding.weight.dtype
-        self.dit, self.streamer = self._place_dit(dit)
+        self.dtype = (dit.patch_embedding.weight if dit is not None else vae.conv2.weight).dtype
+        self.dit, self.streamer = self._place_dit(dit, place_dit) if dit is not None else (None, None)
 
-    def _place_dit(self, dit: CausalS2VDiT):
+    def _place_dit(self, dit: CausalS2VDiT, place: bool):
         rt = self.runtime
         if rt.fp8:
             from liveavatar.runtime.fp8 import apply_fp8
 
             apply_fp8(dit)  # after the LoRA merge, as the official code does
+        if not place:
+            return dit, None
         if rt.resident_blocks is not None and rt.resident_blocks < len(dit.blocks):
             from liveavatar.runtime.offload import apply_block_streaming
 
@@ -46,7 +50,8 @@ class Pipeline:
         return dit.to(self.device), None
 
     @classmethod
-    def tiny(cls, seed: int = 0, device="cpu", runtime: RuntimeConfig | None = None) -> Pipeline:
+    def tiny(cls, seed: int = 0, device="cpu", runtime: RuntimeConfig | None = None, place_dit: bool = True
+             ) -> Pipeline:
         """The built-in tiny model: deterministic random weights, no checkpoint needed."""
         from liveavatar.config import TINY
         from liveavatar.models.t5 import T5Encoder, TextTokenizer
@@ -63,7 +68,7 @@ class Pipeline:
         vae.to(device)
         t5.to("cpu" if runtime.t5_cpu else enc_dev)
         audio.to(enc_dev)
-        return cls(TINY, dit, vae, t5, TextTokenizer.builtin(TINY.t5.vocab_size), audio, device, runtime)
+        return cls(TINY, dit, vae, t5, TextTokenizer.builtin(TINY.t5.vocab_size), audio, device, runtime, place_dit)
 
     @classmethod
     def random_weights(cls, preset: Preset, device="cuda", dtype: torch.dtype = torch.bfloat16,
@@ -110,13 +115,16 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str, lora_path: str | None = None, preset: Preset | None = None,
                         device="cuda", dtype: torch.dtype = torch.bfloat16,
-                        runtime: RuntimeConfig | None = None) -> Pipeline:
+                        runtime: RuntimeConfig | None = None,
+                        parts: tuple[str, ...] = ("dit", "vae", "text", "audio"),
+                        place_dit: bool = True) -> Pipeline:
         """The real model from the official folders: `Wan2.2-S2V-14B/` and the Live Avatar LoRA.
 
         Every file is checked from its header first (seconds, nothing loaded), so a damaged file is
         reported before the 32 GB DiT is read. With `runtime.offload_model` the text and audio encoders
         live in host memory and move to the device only while they run; with `runtime.t5_cpu` the text
-        encoder runs on the CPU."""
+        encoder runs on the CPU. `parts`: the models to load (a rank of a multi-GPU pipeline loads only
+        what its role needs)."""
         from liveavatar.config import S2V_14B
         from liveavatar.errors import UserError
         from liveavatar.io import checkpoint as ck
@@ -133,14 +141,18 @@ class Pipeline:
                             f"`liveavatar check-ckpt --ckpt_dir {ckpt_dir}` lists them all")
         paths = ck.ckpt_paths(ckpt_dir)
         enc_dev = "cpu" if runtime.offload_model else device
-        tokenizer = TextTokenizer.from_folder(paths.tokenizer, preset.t5.text_len)
-        audio = AudioEncoder.from_folder(paths.audio, dtype).to(enc_dev).eval()
-        host_first = runtime.fp8 or runtime.resident_blocks is not None  # transformed in host memory
-        dit = ck.load_dit(paths.root, preset.dit, dtype, "cpu" if host_first else device, lora_path=lora_path,
-                          lora_rank=preset.lora_rank, lora_alpha=preset.lora_alpha).eval()
-        vae = ck.load_vae(paths.vae, preset.vae, dtype, device).eval()
-        t5 = ck.load_t5(paths.t5, preset.t5, dtype, "cpu" if runtime.t5_cpu else enc_dev).eval()
-        return cls(preset, dit, vae, t5, tokenizer, audio, device, runtime)
+        tokenizer = TextTokenizer.from_folder(paths.tokenizer, preset.t5.text_len) if "text" in parts else None
+        audio = AudioEncoder.from_folder(paths.audio, dtype).to(enc_dev).eval() if "audio" in parts else None
+        host_first = runtime.fp8 or runtime.resident_blocks is not None or not place_dit  # transformed in host memory
+        dit = None
+        if "dit" in parts:
+            dit = ck.load_dit(paths.root, preset.dit, dtype, "cpu" if host_first else device, lora_path=lora_path,
+                              lora_rank=preset.lora_rank, lora_alpha=preset.lora_alpha).eval()
+        vae = ck.load_vae(paths.vae, preset.vae, dtype, device).eval() if "vae" in parts else None
+        t5 = None
+        if "text" in parts:
+            t5 = ck.load_t5(paths.t5, preset.t5, dtype, "cpu" if runtime.t5_cpu else enc_dev).eval()
+        return cls(preset, dit, vae, t5, tokenizer, audio, device, runtime, place_dit)
 
     def session(self, image: str | os.PathLike | Inputs, audio: str | os.PathLike | np.ndarray | None = None,
                 prompt: str = "", options: GenerationOptions | None = None) -> Session:
