@@ -357,9 +357,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise UserError("give the GPU memory: --gpu_memory 24 (GB) or --gpus 1x24")
     if args.infer_frames <= 0 or args.infer_frames % 12:
         raise UserError(f"--infer_frames {args.infer_frames} is not a positive multiple of 12; use 48")
-    for flag, value in (("--tflops", args.tflops), ("--link_gbps", args.link_gbps)):
+    for flag, value in (("--tflops", args.tflops), ("--link_gbps", args.link_gbps), ("--peer_gbps", args.peer_gbps)):
         if value is not None:
             _in_range(flag, value, 0.001, 1e7)
+    _in_range("--nnodes", args.nnodes, 1, MAX_GPUS)
     if args.resident_blocks is not None:
         _in_range("--resident_blocks", args.resident_blocks, 0, preset.dit.num_layers)
     if args.kv_on_device is not None:
@@ -367,21 +368,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     ah, aw = _aspect(args.aspect)
     height, width = media.target_size(ah * 80, aw * 80, media.parse_size(args.size))
     gpu = GPUSpec.guess(gb)
-    gpu = GPUSpec(gpu.memory_bytes, args.tflops or gpu.tflops, gpu.fp8_tflops, args.link_gbps or gpu.link_gbps)
+    gpu = GPUSpec(gpu.memory_bytes, args.tflops or gpu.tflops, gpu.fp8_tflops, args.link_gbps or gpu.link_gbps,
+                  args.peer_gbps or gpu.peer_gbps, gpu.node_gbps)
+    total = n_gpus * args.nnodes
+    if total > 1:
+        return _plan_parallel(args, preset, gpu, total, height, width)
     if args.auto:
         p = plan(preset, gpu, height, width, args.infer_frames, allow_fp8=not args.no_fp8)
     else:
         p = predict(preset, _runtime_from_args(args), gpu, height, width, args.infer_frames)
-    idle = [{"peak_bytes": 0, "components": {}, "note": "idle: multi-GPU pipelines are not available yet"}
-            for _ in range(n_gpus - 1)]
     if args.json:
-        out = p.to_json()
-        out["gpus"] += idle
-        print(json.dumps(out, indent=2))
+        print(json.dumps(p.to_json(), indent=2))
     else:
         print(format_plan(p, gpu))
-        if idle:
-            print(f"GPUs 1..{n_gpus - 1}: idle (multi-GPU pipelines are not available in this version)")
         if p.fits:
             print("run: liveavatar generate " + " ".join(p.config.flags()) + f" --size {args.size} "
                   f"--gpu_memory {gb:g}")
@@ -391,6 +390,33 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                 print("what fits: liveavatar generate " + " ".join(best.config.flags()) + f" --size {args.size}")
             else:
                 print(best.note or f"nothing fits in {gb:g} GiB; try a smaller --size")
+    return 0 if p.fits else 1
+
+
+def _plan_parallel(args, preset, gpu, total: int, height: int, width: int) -> int:
+    """`plan` for several GPUs: the given layout (--num_gpus_dit ...) or, with --auto, the fastest."""
+    from liveavatar.distributed.layout import ParallelLayout
+    from liveavatar.distributed.plan import format_parallel, plan_parallel, predict_parallel
+
+    if args.auto:
+        p = plan_parallel(preset, gpu, total, height, width, args.infer_frames, args.nnodes, allow_fp8=not args.no_fp8)
+    else:
+        decode = bool(args.enable_vae_parallel)
+        denoise = args.num_gpus_dit if args.num_gpus_dit is not None else total - int(decode)
+        layout = ParallelLayout(denoise, args.ulysses_size or 1, args.dit_fsdp, decode, preset.sampler.steps)
+        layout.check(preset.dit.num_heads, total)
+        if args.nnodes > 1 and (total % args.nnodes or layout.ulysses > total // args.nnodes):
+            raise UserError(f"{total} GPUs on {args.nnodes} nodes: each node needs the same number of GPUs and a "
+                            "whole sequence-parallel group (--ulysses_size at most the GPUs of a node)")
+        p = predict_parallel(preset, _runtime_from_args(args), layout, gpu, height, width, args.infer_frames,
+                             args.nnodes)
+    if args.json:
+        print(json.dumps(p.to_json(), indent=2))
+    else:
+        print(format_parallel(p, gpu, args.size))
+        if not p.fits and not args.auto:
+            best = plan_parallel(preset, gpu, total, height, width, args.infer_frames, args.nnodes)
+            print(("what fits: " + best.command(args.size)) if best.fits else best.note)
     return 0 if p.fits else 1
 
 
@@ -409,7 +435,13 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="predict per-GPU memory for a configuration, or pick one that fits (--auto)")
     p.add_argument("--preset", default="s2v-14b", choices=sorted(PRESETS))
-    p.add_argument("--gpus", default="1", help="N, or NxGB (e.g. 4x24)")
+    p.add_argument("--gpus", default="1", help="GPUs per node: N, or NxGB (e.g. 5x24)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes with --gpus GPUs each (default 1)")
+    p.add_argument("--peer_gbps", type=float, default=None, help="GPU-to-GPU GB/s inside a node for the estimate")
+    p.add_argument("--num_gpus_dit", type=int, default=None, help="a layout to predict: denoising GPUs")
+    p.add_argument("--enable_vae_parallel", action="store_true", help="a layout to predict: a decode GPU")
+    p.add_argument("--ulysses_size", type=int, default=None, help="a layout to predict: GPUs per denoise stage")
+    p.add_argument("--dit_fsdp", action="store_true", help="a layout to predict: sharded DiT weights")
     p.add_argument("--gpu_memory", type=float, default=None, help="GB of memory per GPU")
     p.add_argument("--size", default="704*384", help="area cap H*W (default 704*384)")
     p.add_argument("--aspect", default="16:9", help="image aspect H:W (default 16:9, a portrait)")

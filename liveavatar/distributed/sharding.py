@@ -53,6 +53,14 @@ class ShardedBlocks(BlockStreamer):
             work.wait()  # on CUDA: the compute stream waits for the gather; on the CPU: the host does
 
 
+def sharded_nbytes(group_bytes: list[int], size: int) -> tuple[int, int]:
+    """(one rank's shards, its two slots) in bytes for blocks whose flat buffers have `group_bytes`
+    (`liveavatar.runtime.offload.group_nbytes`), sharded over `size` ranks: what `ShardedBlocks`
+    allocates."""
+    padded = [-(-n // (size * ALIGN)) * size * ALIGN for n in group_bytes]
+    return sum(padded) // size, min(2, len(padded)) * max(padded, default=0)
+
+
 def apply_sharded_weights(model: nn.Module, group=None, device="cpu") -> ShardedBlocks:
     """Shard `model`'s transformer blocks over `group` (see the module docstring). Apply after the LoRA
     merge and `apply_fp8`, on a model whose weights are loaded (in host memory), on every rank of the
@@ -60,4 +68,4 @@ def apply_sharded_weights(model: nn.Module, group=None, device="cpu") -> Sharded
     return ShardedBlocks(model, device, group)
 
 
-__all__ = ["ShardedBlocks", "apply_sharded_weights"]
+__all__ = ["ShardedBlocks", "apply_sharded_weights", "sharded_nbytes"]

@@ -37,7 +37,7 @@ from liveavatar.models.rope import apply_rope
 
 def _kv_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """Bytes of a K and a V tensor of `shape`."""
-    return 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return 2 * math.prod(shape) * dtype.itemsize
 
 
 def _zeros_kv(shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +188,8 @@ class HostRingKVCache(RingKVCache):
     @classmethod
     def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1,
                  heads: int | None = None):
-        k, v = _zeros_kv(cls.shape_for(cfg, fs, batch, heads), dtype, "cpu")
+        host = "meta" if torch.device(device).type == "meta" else "cpu"  # sizes only, on meta
+        k, v = _zeros_kv(cls.shape_for(cfg, fs, batch, heads), dtype, host)
         cache = cls(k, v, fs, cfg.ring_frames, device)
         if cache.device.type == "cuda":
             # Page-locked in place at their exact size (`pin_memory()` would round each up to a power of 2).

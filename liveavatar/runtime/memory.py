@@ -39,12 +39,15 @@ class GPUSpec:
     tflops: float = 165.0  # RTX 4090-class default
     fp8_tflops: float | None = 330.0  # None: no FP8 tensor cores (sm < 8.9): FP8 weights are dequantised
     link_gbps: float = 25.0  # host <-> device, GB/s (PCIe 4.0 x16 in practice)
+    peer_gbps: float = 25.0  # GPU <-> GPU in one node, GB/s per GPU (PCIe; NVLink is ~450)
+    node_gbps: float = 25.0  # between nodes, GB/s per GPU (200 Gb/s networking)
 
     @classmethod
     def guess(cls, memory_gb: float) -> GPUSpec:
         """Rates by memory size: 80+ GB -> H100 SXM-class, else a 24-48 GB Ada-class card."""
         if memory_gb >= 75:
-            return cls(int(memory_gb * GiB), tflops=790.0, fp8_tflops=1580.0, link_gbps=50.0)
+            return cls(int(memory_gb * GiB), tflops=790.0, fp8_tflops=1580.0, link_gbps=50.0, peer_gbps=450.0,
+                       node_gbps=50.0)
         return cls(int(memory_gb * GiB))
 
 
@@ -148,12 +151,20 @@ def _encoder_bytes(preset: Preset) -> dict[str, int]:
 # ---- activations, derived from shapes ----------------------------------------------------------
 
 
-def block_workspace_bytes(preset: Preset, layout: SinkLayout, itemsize: int = 2) -> int:
+def block_workspace_bytes(preset: Preset, layout: SinkLayout, itemsize: int = 2, ulysses: int = 1) -> int:
     """Peak transient bytes of one block forward (self-attention phase, the larger one).
 
     Alive at once: the residual in the compute dtype and in fp32, the modulated input, q/k/v, the roped
     query and key (fp32 working copies while rotating), the re-roped sink keys (fp32 copies), the
-    concatenated keys and values over ring + sink, and the attention output."""
+    concatenated keys and values over ring + sink, and the attention output. With `ulysses` ranks
+    sharing the forward, each holds 1/ulysses of every token-wise and head-wise tensor, plus the
+    all-to-all send and receive buffers of q, k and v."""
+    if ulysses > 1:
+        cfg = preset.dit
+        lq = cfg.frames_per_block * layout.fs
+        a2a = 2 * 3 * -(-lq // ulysses) * cfg.dim * itemsize
+        text = cfg.text_len * cfg.dim * itemsize * 3
+        return (block_workspace_bytes(preset, layout, itemsize) - text) // ulysses + text + a2a
     cfg = preset.dit
     d = cfg.dim
     lq = cfg.frames_per_block * layout.fs
@@ -170,6 +181,25 @@ def block_workspace_bytes(preset: Preset, layout: SinkLayout, itemsize: int = 2)
         + lq * d * itemsize  # attention output
         + text
     )
+
+
+@functools.lru_cache(maxsize=16)
+def vae_decode_flops(preset: Preset, height: int, width: int) -> float:
+    """FLOPs of decoding one block (3 latents) in the steady state, counted on the model built on meta."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from liveavatar.models.vae import VAEStreamState, WanVAE
+
+    with torch.device("meta"):
+        vae = WanVAE(preset.vae).to(BF16)
+    f = preset.dit.frames_per_block
+    z = torch.empty(1, preset.vae.z_dim, f + 1, height // 8, width // 8, device="meta", dtype=BF16)
+    state = VAEStreamState()
+    with torch.no_grad():
+        vae.decode_stream_raw(z[:, :, :1], state)
+        with FlopCounterMode(display=False) as counter:
+            vae.decode_stream_raw(z[:, :, 1:], state)
+    return float(counter.get_total_flops())
 
 
 def vae_decode_workspace_bytes(preset: Preset, height: int, width: int, itemsize: int = 2) -> int:
@@ -369,5 +399,5 @@ def format_plan(p: Plan, gpu: GPUSpec) -> str:
 __all__ = [
     "format_plan",
     "GPUSpec", "Plan", "RuntimeConfig", "block_workspace_bytes", "candidates", "components", "forward_flops",
-    "plan", "predict", "seconds_per_block", "vae_decode_workspace_bytes",
+    "plan", "predict", "seconds_per_block", "vae_decode_flops", "vae_decode_workspace_bytes",
 ]

@@ -65,14 +65,11 @@ def check_components(g: dict, cfg: dict) -> None:
     assert (c["dit.stream_slots"] > 0) == (cfg["resident_blocks"] is not None and cfg["resident_blocks"] < 40)
 
 
-SCENARIOS = [  # (argv, number of GPUs, GiB each)
+SCENARIOS = [  # (argv, number of GPUs, GiB each); several GPUs: test_plan_parallel.py
     (["--gpu_memory", "24"], 1, 24),
     (["--gpu_memory", "48"], 1, 48),
     (["--gpu_memory", "80"], 1, 80),
-    (["--gpus", "4x24"], 4, 24),
-    (["--gpus", "5x24"], 5, 24),
-    (["--gpus", "5x80"], 5, 80),
-    (["--gpus", "5", "--gpu_memory", "80"], 5, 80),
+    (["--gpus", "1x24"], 1, 24),
 ]
 
 
@@ -87,10 +84,7 @@ def test_auto_fits_each_scenario_gpu(capsys, argv, n_gpus, gib):
     check_components(g, p["config"])
     check_flags_round_trip(p)
     assert p["seconds_per_block_estimate"] > 0
-    # Only one GPU is used; the others are listed as idle (multi-GPU pipelines do not exist yet).
     assert len(p["gpus"]) == n_gpus
-    for idle in p["gpus"][1:]:
-        assert idle["peak_bytes"] == 0 and "multi-GPU" in idle["note"]
 
 
 def test_auto_picks_fp8_and_staged_kv_on_24_gb(capsys):
@@ -126,8 +120,7 @@ def test_no_fp8_never_picks_fp8(capsys, gib):
         assert p["config"]["resident_blocks"] is not None and p["config"]["resident_blocks"] < 40
 
 
-@pytest.mark.parametrize("argv", [["--gpu_memory", "6"], ["--gpu_memory", "24", "--size", "2048*2048"],
-                                  ["--gpus", "4x6"]])
+@pytest.mark.parametrize("argv", [["--gpu_memory", "6"], ["--gpu_memory", "24", "--size", "2048*2048"]])
 def test_nothing_fits_exits_1_and_names_the_way_out(capsys, argv):
     rc, p = plan_json(capsys, *argv, "--auto")
     assert rc == 1 and p["fits"] is False
@@ -155,9 +148,8 @@ def test_explicit_config_that_does_not_fit_prints_what_fits(capsys):
 
 
 def test_explicit_config_that_fits_prints_the_command(capsys):
-    rc, out, _ = run_plan(capsys, "--gpus", "4x80")
+    rc, out, _ = run_plan(capsys, "--gpus", "1x80")
     assert rc == 0
-    assert "GPUs 1..3: idle" in out
     run = [line for line in out.splitlines() if line.startswith("run: liveavatar generate ")]
     assert len(run) == 1
     ns = generate_args(shlex.split(run[0].removeprefix("run: liveavatar generate ")))
