@@ -405,7 +405,7 @@ def _plan_parallel(args, preset, gpu, total: int, height: int, width: int) -> in
         denoise = args.num_gpus_dit if args.num_gpus_dit is not None else total - int(decode)
         layout = ParallelLayout(denoise, args.ulysses_size or 1, args.dit_fsdp, decode, preset.sampler.steps)
         layout.check(preset.dit.num_heads, total)
-        if args.nnodes > 1 and (total % args.nnodes or layout.ulysses > total // args.nnodes):
+        if args.nnodes > 1 and (total // args.nnodes) % layout.ulysses:
             raise UserError(f"{total} GPUs on {args.nnodes} nodes: each node needs the same number of GPUs and a "
                             "whole sequence-parallel group (--ulysses_size at most the GPUs of a node)")
         p = predict_parallel(preset, _runtime_from_args(args), layout, gpu, height, width, args.infer_frames,

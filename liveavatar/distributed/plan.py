@@ -200,15 +200,15 @@ def predict_parallel(preset: Preset, cfg: m.RuntimeConfig, layout: ParallelLayou
 
 
 def layouts(preset: Preset, n_gpus: int, nnodes: int = 1, steps: int | None = None) -> list[ParallelLayout]:
-    """Every layout of `n_gpus` (sequence-parallel groups inside a node)."""
+    """Every layout of `n_gpus` on `nnodes` equal nodes (sequence-parallel groups inside a node)."""
     steps = steps or preset.sampler.steps
     per_node = n_gpus // nnodes
     out = []
     for decode in (False, True):
         denoise = n_gpus - int(decode)
         for u in range(1, denoise + 1):
-            if denoise % u or preset.dit.num_heads % u or denoise // u > steps or u > per_node:
-                continue
+            if denoise % u or preset.dit.num_heads % u or denoise // u > steps or per_node % u:
+                continue  # groups must not straddle nodes: their all-to-alls need the fast links
             for shard in (False, True) if u > 1 else (False,):
                 out.append(ParallelLayout(denoise, u, shard, decode, steps))
     return out
