@@ -525,11 +525,76 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    from liveavatar.config import get_preset
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError("the server needs FastAPI and uvicorn: pip install 'liveavatar[server]'") from None
+    preset = get_preset(args.preset)
+    if preset.name != "tiny" and not args.ckpt_dir:
+        raise UserError(f"no model weights given (--ckpt_dir); {WEIGHTS_HELP}")
+    token = args.token or os.environ.get("LIVEAVATAR_TOKEN") or None
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and token is None:
+        raise UserError(f"--host {args.host} is reachable from other machines: give a token (--token or "
+                        "LIVEAVATAR_TOKEN) that every client must send, or serve on 127.0.0.1")
+    _in_range("--port", args.port, 1, 65535)
+    _in_range("--max_active", args.max_active, 1, 64)
+    _in_range("--max_seconds", args.max_seconds, 1, 7 * 86400)
+    _in_range("--idle_timeout", args.idle_timeout, 1, 86400)
+    _check_device(args.device)
+
+    import torch
+
+    from liveavatar.engine.pipeline import Pipeline
+    from liveavatar.serve.app import serve
+    from liveavatar.serve.engine import Limits, LiveEngine
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = _runtime_from_args(args)
+    if args.ckpt_dir is None:
+        pipe = Pipeline.tiny(device=device, runtime=runtime)
+    else:
+        pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
+                                        dtype=getattr(torch, preset.dtype), runtime=runtime)
+    limits = Limits(max_active=args.max_active, max_seconds=args.max_seconds, idle_timeout=args.idle_timeout)
+    print(f"serving {preset.name} on http://{args.host}:{args.port}/ (at most {limits.max_active} sessions at once)",
+          file=sys.stderr, flush=True)
+    serve(LiveEngine(pipe, limits), args.host, args.port, token)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="a live avatar server: speech in over WebSocket or HTTP, video out as it is made")
+    p.add_argument("--preset", default="s2v-14b", choices=sorted(PRESETS))
+    p.add_argument("--ckpt_dir", default=None, help="the Wan2.2-S2V-14B folder")
+    p.add_argument("--lora_path_dmd", "--lora_path", dest="lora_path_dmd", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", default=None, help="a secret every request must carry (required off loopback)")
+    p.add_argument("--max_active", type=int, default=2, help="sessions generating at once; others wait in a queue")
+    p.add_argument("--max_seconds", type=float, default=3600.0, help="seconds of video a session may make")
+    p.add_argument("--idle_timeout", type=float, default=300.0,
+                   help="seconds without a client message before a session is closed")
+    _add_runtime_flags(p)
+    p.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="liveavatar", description="Live Avatar: streaming avatar video")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_generate(sub)
     _add_plan(sub)
+    _add_serve(sub)
 
     p = sub.add_parser("check-ckpt", help="verify checkpoint files from their headers (no weights read)")
     p.add_argument("--ckpt_dir", required=True, help="the Wan2.2-S2V-14B folder")

@@ -35,6 +35,14 @@ class Frontend:
         self.next_block = 0  # the next block to make a task for
         self.emitted = 0  # output frames assigned to tasks so far
 
+    # -- speech in ---------------------------------------------------------------------------------
+
+    def push(self, samples) -> None:
+        self.speech.push(samples)
+
+    def end(self) -> None:
+        self.speech.end()
+
     # -- length ------------------------------------------------------------------------------------
 
     @property

@@ -163,6 +163,15 @@ class Pipeline:
         inputs = image if isinstance(image, Inputs) else Inputs.load(image, audio, opts)
         return Session.create(self, inputs, prompt, opts)
 
+    def live_session(self, image: str | os.PathLike | Inputs, prompt: str = "",
+                     options: GenerationOptions | None = None) -> Session:
+        """A live session (`liveavatar.engine.live`): speech pushed as utterances (`push_audio`, then
+        `end_audio` per utterance, `barge_in` to drop it); between utterances the avatar keeps moving;
+        it runs until closed."""
+        opts = options or GenerationOptions()
+        inputs = image if isinstance(image, Inputs) else Inputs.load(image, None, opts)
+        return Session.create(self, inputs, prompt, opts, live=True)
+
     def restore(self, state, audio=None) -> Session:
         """Continue a session saved with `Session.save` (see `Session.restore`)."""
         return Session.restore(self, state, audio)

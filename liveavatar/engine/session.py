@@ -155,14 +155,18 @@ def speech_stream(audio: media.SpeechFile | np.ndarray | None, start: int = 0) -
 class Session:
     """State of one generation; iterate it (or `poll()` it) to get `Chunk`s."""
 
-    def __init__(self, pipe, height: int, width: int, opts: GenerationOptions, speech: SpeechStream):
+    def __init__(self, pipe, height: int, width: int, opts: GenerationOptions, speech: SpeechStream | None,
+                 live: bool = False):
         """Stages and caches of a generation, not yet conditioned: use `Pipeline.session` (or
-        `Session.restore`)."""
+        `Session.restore`, `Pipeline.live_session`). `live`: speech comes as utterances and the session
+        never ends (`liveavatar.engine.live`)."""
         check_options(opts)
         self.pipe, self.opts, self.height, self.width = pipe, opts, height, width
         self.schedule = make_schedule(pipe.preset.sampler, opts.sample_steps)
         self.layout = SinkLayout(height // 8, width // 8, pipe.preset.dit.zip_frame_buckets)
-        self.frontend = make_frontend(pipe, opts, self.layout, speech)
+        self.live = live
+        self.frontend = make_live_frontend(pipe, opts, self.layout) if live else make_frontend(pipe, opts, self.layout,
+                                                                                              speech)
         parts = opts.denoise_stages or (len(self.schedule),)
         firsts = np.cumsum((0, *parts[:-1])).tolist()
         self.denoise = [DenoiseStage(pipe.dit, self.schedule, range(a, a + k), self.layout, pipe.device, pipe.dtype,
@@ -175,9 +179,9 @@ class Session:
         self.closed = False
 
     @classmethod
-    def create(cls, pipe, inputs: Inputs, prompt: str, opts: GenerationOptions) -> Session:
+    def create(cls, pipe, inputs: Inputs, prompt: str, opts: GenerationOptions, live: bool = False) -> Session:
         """Encode the conditioning, prefill every denoise stage's sink: a session at block 0."""
-        session = cls(pipe, inputs.height, inputs.width, opts, speech_stream(inputs.speech))
+        session = cls(pipe, inputs.height, inputs.width, opts, None if live else speech_stream(inputs.speech), live)
         session.cond = encode_conditioning(pipe, inputs.ref, prompt)
         for stage in session.denoise:
             stage.start(session.cond.text, session.cond.ref_latent, session.cond.motion_latents)
@@ -194,12 +198,19 @@ class Session:
         return self.frontend.features
 
     def push_audio(self, samples) -> None:
-        """Append 16 kHz mono speech samples (any length) to a session made without audio."""
-        self.speech.push(samples)
+        """Append 16 kHz mono speech samples (any length) to a session made without audio (live: to the
+        open utterance)."""
+        self.frontend.push(samples)
 
     def end_audio(self) -> None:
-        """The speech is complete: the video ends with it."""
-        self.speech.end()
+        """The speech is complete: the video ends with it (live: the utterance is complete)."""
+        self.frontend.end()
+
+    def barge_in(self) -> int:
+        """Live sessions: drop the speech playing and queued at once; returns the utterances dropped."""
+        if not self.live:
+            raise UserError("barge-in is for live sessions; a file's video ends with its speech")
+        return self.frontend.barge_in()
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -290,6 +301,14 @@ class Session:
     def poll(self) -> Iterator[Chunk]:
         """The chunks that the speech received so far allows, without waiting for more."""
         return self._chunks(wait=False)
+
+    def step(self) -> Chunk | None:
+        """One block, if the next one can start now: its chunk (None when it cannot start yet, or adds
+        no frame). For schedulers that interleave sessions (a server); online decode only."""
+        self._check_open()
+        if self._wait_ready(wait=False) is not True:
+            return None
+        return self._decode(*self._denoise_next())
 
     def latents(self, wait: bool = True) -> Iterator[torch.Tensor]:
         """Clean latents block by block, [1, C, F, h, w], without decoding (benchmarks and tests; the
@@ -408,6 +427,21 @@ def make_frontend(pipe, opts: GenerationOptions, layout: SinkLayout, speech: Spe
                               opts.one_pass_max_seconds)
     return Frontend(speech, features, plan, infer_frames=opts.infer_frames, num_clip=opts.num_clip,
                     audio_offset_frames=opts.audio_offset_frames, fps=pipe.preset.fps, sample_rate=media.SAMPLE_RATE)
+
+
+def make_live_frontend(pipe, opts: GenerationOptions, layout: SinkLayout):
+    """The frontend of a live session of `pipe` with these options."""
+    from liveavatar.engine.live import LiveFrontend
+
+    cfg = pipe.preset.dit
+    blocks_per_clip = opts.infer_frames // (4 * cfg.frames_per_block)
+    plan = TaskPlan(opts.seed, opts.sample_steps, (cfg.in_dim, layout.h, layout.w), pipe.dtype, cfg.frames_per_block,
+                    blocks_per_clip, cfg.rsfm_d_range, opts.sink_refresh)
+    windows = AudioWindows(*opts.audio_window)
+    return LiveFrontend(lambda speech: audio_features(pipe, speech, opts.audio_encoding, windows,
+                                                      opts.one_pass_max_seconds),
+                        plan, fps=pipe.preset.fps, sample_rate=media.SAMPLE_RATE, audio_layers=cfg.audio_layers,
+                        audio_dim=cfg.audio_dim, dtype=pipe.dtype)
 
 
 def output_chunk(task: BlockTask, frames: np.ndarray) -> Chunk | None:

@@ -34,6 +34,18 @@ _FRAGMENT_OPTIONS = {
 _AAC_FRAME = 1024  # samples per AAC packet
 
 
+def _sps_profile(extradata: bytes) -> bytes | None:
+    """profile_idc, constraint flags and level_idc of the H.264 SPS in `extradata` (avcC or Annex B)."""
+    if len(extradata) >= 4 and extradata[0] == 1:  # avcC
+        return extradata[1:4]
+    i = extradata.find(b"\x00\x00\x01")
+    while i >= 0 and i + 6 <= len(extradata):
+        if extradata[i + 3] & 0x1F == 7:  # a sequence parameter set
+            return extradata[i + 4:i + 7]
+        i = extradata.find(b"\x00\x00\x01", i + 3)
+    return None
+
+
 def _top_level_boxes(data: bytes):
     """Yield (type, bytes) of the top-level ISO-BMFF boxes in `data`."""
     i = 0
@@ -71,8 +83,9 @@ class MP4Writer:
     def __init__(self, path: str | os.PathLike | OutputFile, *, width: int, height: int, fps: int = 25,
                  audio: np.ndarray | bool | None = None, sample_rate: int = SAMPLE_RATE, crf: int = 18,
                  preset: str = "veryfast", audio_bitrate: int = 64000):
-        """`path`: the output file name (an existing file is replaced when done), or an `OutputFile`
-        carrying the run's naming rules."""
+        """`path`: the output file name (an existing file is replaced when done), an `OutputFile`
+        carrying the run's naming rules, or a callable that receives each fragment's bytes as it is
+        made (a live stream: the first call carries the init segment; nothing is written to disk)."""
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"MP4Writer needs positive even width and height, got {width}x{height}")
         self._incremental = audio is True
@@ -82,8 +95,10 @@ class MP4Writer:
             audio = np.asarray(audio, dtype=np.float32)  # no copy for float32 input; clipped per block
             if audio.ndim != 1:
                 raise ValueError(f"MP4Writer audio must be mono [N], got shape {audio.shape}")
-        self.out = path if isinstance(path, OutputFile) else OutputFile(path, what="output video", overwrite=True)
-        self.path = self.out.path
+        self._sink = path if callable(path) else None
+        self.out = None if self._sink else (path if isinstance(path, OutputFile) else
+                                            OutputFile(path, what="output video", overwrite=True))
+        self.path = self.out.path if self.out is not None else None
         self.width, self.height, self.fps, self.sample_rate = width, height, fps, sample_rate
         self._audio = audio  # the track (whole), or the samples not yet encoded (incremental)
         self._audio_base = 0  # absolute index of _audio[0]
@@ -208,7 +223,9 @@ class MP4Writer:
         mux.close()
         keep = ("moof", "mdat") if self._chunks else ("ftyp", "moov", "moof", "mdat")
         data = b"".join(box for kind, box in _top_level_boxes(buf.getvalue()) if kind in keep)
-        if self._file is None:
+        if self._sink is not None:
+            self._sink(data)
+        elif self._file is None:
             self._file = self.out.begin(data)  # the partial file appears holding its first fragment
         else:
             self.out.check_alive()
@@ -234,8 +251,15 @@ class MP4Writer:
 
     @property
     def partial_path(self) -> Path | None:
-        """The file being written (None before the first chunk)."""
-        return self.out.partial_path
+        """The file being written (None before the first chunk, or when streaming to a callable)."""
+        return self.out.partial_path if self.out is not None else None
+
+    @property
+    def mime(self) -> str:
+        """The MIME type with codecs, as MediaSource wants it (e.g. `video/mp4; codecs="avc1.64000c,mp4a.40.2"`)."""
+        sps = _sps_profile(bytes(self._video.codec_context.extradata or b""))
+        video = f"avc1.{sps.hex()}" if sps else "avc1.640028"
+        return f'video/mp4; codecs="{video}' + (',mp4a.40.2"' if self._audio_stream is not None else '"')
 
     def close(self) -> Path:
         """Finish the file and publish it (atomically, in the same folder); returns its name."""
@@ -249,7 +273,7 @@ class MP4Writer:
             if tail:
                 self._write_fragment(tail)
         self._release()
-        self.path = self.out.finish()
+        self.path = self.out.finish() if self.out is not None else None
         self._state = "closed"
         return self.path
 
@@ -259,7 +283,8 @@ class MP4Writer:
         if self._state != "open":
             return
         self._release()
-        self.out.keep()
+        if self.out is not None:
+            self.out.keep()
         self._state = "aborted"
 
     def _release(self) -> None:
