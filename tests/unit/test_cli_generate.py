@@ -106,7 +106,7 @@ BAD = [
     ("num_clip zero", ["--num_clip", "0"], "--num_clip"),
     ("guidance", ["--sample_guide_scale", "4.5"], "guidance"),
     ("solver", ["--sample_solver", "unipc"], "euler"),
-    ("multi gpu", ["--num_gpus_dit", "4"], "multi-GPU"),
+    ("multi gpu", ["--num_gpus_dit", "4"], "torchrun"),
     ("unwritable output", ["--save_file", "/proc/liveavatar/out.mp4"], "save"),
 ]
 
