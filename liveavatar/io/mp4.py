@@ -11,6 +11,7 @@ FFmpeg's MP4 muxer only emits a fragment when the next one starts.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import struct
@@ -32,6 +33,10 @@ _FRAGMENT_OPTIONS = {
     "movflags": _MOVFLAGS + "+frag_discont", "use_editlist": "0", "avoid_negative_ts": "disabled",
 }
 _AAC_FRAME = 1024  # samples per AAC packet
+# A restarted AAC encoder is fed this many samples before its first kept packet, so that packet's
+# MDCT window (which reaches 1024 samples back) sees the real signal and overlap-adds cleanly with
+# the file's last packet; the packets made from them are dropped.
+_AAC_LEAD_IN = 2 * _AAC_FRAME
 
 
 def _sps_profile(extradata: bytes) -> bytes | None:
@@ -44,6 +49,15 @@ def _sps_profile(extradata: bytes) -> bytes | None:
             return extradata[i + 4:i + 7]
         i = extradata.find(b"\x00\x00\x01", i + 3)
     return None
+
+
+def read_comment(path: str | os.PathLike) -> str | None:
+    """The `comment` tag of an MP4 file (None when it has none or cannot be read)."""
+    try:
+        with av.open(str(path)) as c:
+            return c.metadata.get("comment")
+    except (av.FFmpegError, OSError):
+        return None
 
 
 def _top_level_boxes(data: bytes):
@@ -82,10 +96,14 @@ class MP4Writer:
 
     def __init__(self, path: str | os.PathLike | OutputFile, *, width: int, height: int, fps: int = 25,
                  audio: np.ndarray | bool | None = None, sample_rate: int = SAMPLE_RATE, crf: int = 18,
-                 preset: str = "veryfast", audio_bitrate: int = 64000):
+                 preset: str = "veryfast", audio_bitrate: int = 64000, comment: str | None = None,
+                 resume: dict | None = None):
         """`path`: the output file name (an existing file is replaced when done), an `OutputFile`
         carrying the run's naming rules, or a callable that receives each fragment's bytes as it is
-        made (a live stream: the first call carries the init segment; nothing is written to disk)."""
+        made (a live stream: the first call carries the init segment; nothing is written to disk).
+        `comment`: a text tag stored in the init segment (read back by `read_comment`). `resume`: a
+        `checkpoint()` of an earlier writer of the same file: writing continues after its last
+        fragment, in the partial file that `path` (an `OutputFile`) has taken over with `resume()`."""
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"MP4Writer needs positive even width and height, got {width}x{height}")
         self._incremental = audio is True
@@ -119,13 +137,19 @@ class MP4Writer:
         except av.FFmpegError as e:
             raise UserError(f"the video encoder could not be opened for {width}x{height} ({e})") from None
 
+        self.comment = comment
         self.frames_written = 0
         self._chunks = 0
         self._audio_fed = 0  # samples given to the AAC encoder
         self._audio_drained = False
         self._audio_out_end = 0  # end (in samples) of the last AAC packet out of the encoder
+        self._audio_muxed_end = 0  # end (in samples) of the last AAC packet in the file
+        self._audio_min_pts = 0  # packets before this are dropped (the priming packet of a restarted encoder)
         self._audio_pending: list[av.Packet] = []
+        self._sha = hashlib.sha256()  # of the bytes in the partial file
         self._state = "open"
+        if resume is not None:
+            self._continue(resume)
 
     # -- audio --------------------------------------------------------------------------------------
 
@@ -151,13 +175,17 @@ class MP4Writer:
                 self._audio_out_end = max(self._audio_out_end, p.pts + (p.duration or _AAC_FRAME))
                 # Drop the encoder-priming packet (pts < 0): with it the muxer would shift every track,
                 # since fragmented files carry no edit list. The first 64 ms decode with a short fade-in.
-                if p.pts >= 0:
+                # A restarted encoder's priming packet overlaps the file's last packet: dropped too.
+                if p.pts >= self._audio_min_pts:
                     self._audio_pending.append(p)
-        if self._incremental:  # drop the encoded samples
-            self._audio = self._audio[self._audio_fed - self._audio_base:]
-            self._audio_base = self._audio_fed
         out = [p for p in self._audio_pending if p.pts < end]
         del self._audio_pending[:len(out)]
+        for p in out:
+            self._audio_muxed_end = max(self._audio_muxed_end, p.pts + (p.duration or _AAC_FRAME))
+        if self._incremental:  # drop the samples no restarted encoder would need again
+            keep = max(self._audio_base, min(self._audio_fed, self._audio_muxed_end - _AAC_LEAD_IN))
+            self._audio = self._audio[keep - self._audio_base:]
+            self._audio_base = keep
         return out
 
     # -- public API ---------------------------------------------------------------------------------
@@ -214,6 +242,8 @@ class MP4Writer:
         buf = io.BytesIO()
         options = {**_FRAGMENT_OPTIONS, "fragment_index": str(self._chunks + 1)}  # mfhd sequence number
         mux = av.open(buf, "w", format="mp4", options=options)
+        if self.comment is not None and not self._chunks:
+            mux.metadata["comment"] = self.comment
         streams = {self._video.index: mux.add_stream_from_template(self._video)}
         if self._audio_stream is not None:
             streams[self._audio_stream.index] = mux.add_stream_from_template(self._audio_stream)
@@ -227,6 +257,7 @@ class MP4Writer:
             self._sink(data)
         elif self._file is None:
             self._file = self.out.begin(data)  # the partial file appears holding its first fragment
+            self._sha.update(data)
         else:
             self.out.check_alive()
             end = self._file.tell()
@@ -242,7 +273,54 @@ class MP4Writer:
                 why = "the disk is full" if is_disk_full(e) else (e.strerror or str(e))
                 raise UserError(f"writing {str(self.out.partial_path)!r} failed ({why}); it keeps the "
                                 f"{self.frames_written} frames written so far and plays") from None
+            self._sha.update(data)
         self._chunks += 1
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def checkpoint(self) -> dict:
+        """Where this file stands after its last complete fragment, made durable first (fsync): what a
+        writer in another process needs to continue it (`MP4Writer(..., resume=...)`). Between writes
+        only; the partial file must exist (after the first `write`).
+
+        The video encoder restarts on an IDR frame (every chunk starts with one), so nothing of it is
+        kept. The AAC encoder restarts at the end S of the last audio packet in the file: the samples
+        from S − 2048 on are part of the checkpoint, the new encoder is fed from there, and its packets
+        before S (priming and lead-in) are dropped, so the first new packet overlap-adds with the old
+        last one as in an uninterrupted encode (the bits differ: encoder noise)."""
+        if self._state != "open" or self._file is None or not self._incremental and self._audio is not None:
+            raise RuntimeError("MP4Writer.checkpoint needs an open partial file with chunk-by-chunk audio")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        audio, lead = None, 0
+        if self._audio is not None:
+            lead = min(_AAC_LEAD_IN, self._audio_muxed_end - self._audio_base)
+            audio = np.array(self._audio[self._audio_muxed_end - lead - self._audio_base:], dtype=np.float32)
+        return {"partial": self.partial_path.name, "bytes": self._file.tell(), "sha256": self._sha.hexdigest(),
+                "frames": self.frames_written, "fragments": self._chunks, "audio_start": self._audio_muxed_end,
+                "audio_lead": lead, "audio": audio, "codecs": self._codec_config()}
+
+    def _codec_config(self) -> list[str]:
+        """The encoders' configuration records (SPS/PPS, AudioSpecificConfig) that the init segment holds."""
+        streams = [self._video] + ([self._audio_stream] if self._audio_stream is not None else [])
+        return [bytes(s.codec_context.extradata or b"").hex() for s in streams]
+
+    def _continue(self, cp: dict) -> None:
+        """Continue the file of checkpoint `cp` (see `checkpoint`)."""
+        if self.out is None or self.out.file is None:
+            raise RuntimeError("MP4Writer(resume=...) needs an OutputFile that took over the partial file")
+        if list(cp["codecs"]) != self._codec_config():
+            raise UserError(f"the encoders of this installation configure the video differently from the ones that "
+                            f"started {str(self.out.partial_path)!r}; it cannot be continued: start anew")
+        if (cp["audio"] is not None) != self._incremental:
+            raise ValueError("the checkpoint's audio mode differs from this writer's")
+        self._file, self._sha = self.out.file, self.out.sha
+        self.frames_written, self._chunks = int(cp["frames"]), int(cp["fragments"])
+        if self._incremental:
+            start, lead = int(cp["audio_start"]), int(cp["audio_lead"])
+            self._audio = np.asarray(cp["audio"], dtype=np.float32)
+            self._audio_base = self._audio_fed = self._audio_out_end = start - lead
+            self._audio_muxed_end = self._audio_min_pts = start
 
     @property
     def duration(self) -> float:

@@ -12,12 +12,17 @@ file that exists:
 - `finish()` publishes it under the requested name without replacing a file that is not ours to
   replace: a file that appeared there after the run started (another run), or one that existed
   before without `overwrite`, is kept, and the result takes the next free name `<stem>-2<suffix>`;
-- the destination may never be one of the run's inputs (the same file, or a link to it).
+- the destination may never be one of the run's inputs (the same file, or a link to it);
+- a run holds an exclusive lock on its partial file while it writes it, and `resume()` takes over a
+  partial file left by a killed run (checked against the hash of the part to keep, then cut there)
+  only when no other process holds it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -81,6 +86,7 @@ class OutputFile:
                             f"new one is complete, or choose another {flag}")
         self.partial_path: Path | None = None
         self.file = None
+        self.sha = None  # resume(): the hash of the kept bytes, to be continued by the writer
         self._made_dirs: list[Path] = []
         self.state = "new"
 
@@ -105,6 +111,7 @@ class OutputFile:
                             f"choose a writable location with {self.flag}") from None
         f = os.fdopen(fd, "wb")
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new inode: free; held until this process ends
             f.write(first)
             f.flush()
             stem, suffix = self.path.stem, self.path.suffix
@@ -130,6 +137,39 @@ class OutputFile:
         finally:
             tmp.unlink(missing_ok=True)
         self.file, self.state = f, "open"
+        return f
+
+    def resume(self, partial: str | os.PathLike, size: int, sha256: str):
+        """Take over the partial file `partial` left by an earlier run of this output: lock it, check
+        that its first `size` bytes hash to `sha256`, and cut it there. Returns the file, open for
+        writing at its end; `self.sha` holds the hash of those bytes, to be continued."""
+        partial = Path(partial)
+        try:
+            fd = os.open(partial, os.O_RDWR)
+        except OSError as e:
+            raise UserError(f"cannot resume: the partial video {str(partial)!r} cannot be opened "
+                            f"({e.strerror or e}); run without --resume to start anew") from None
+        f = os.fdopen(fd, "r+b")
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"another running process is writing {str(partial)!r}; wait for it to end "
+                                "(or stop it) before resuming") from None
+            sha, left = hashlib.sha256(), size
+            while left > 0 and (block := f.read(min(left, 1 << 24))):
+                sha.update(block)
+                left -= len(block)
+            if left > 0 or sha.hexdigest() != sha256:
+                why = "is shorter than" if left > 0 else "differs from"
+                raise UserError(f"cannot resume: the partial video {str(partial)!r} {why} the one the saved state "
+                                "was made with; run without --resume to start anew (the file is kept)")
+            f.truncate(size)
+            f.seek(size)
+        except BaseException:
+            f.close()
+            raise
+        self.partial_path, self.file, self.sha, self.state = partial, f, sha, "open"
         return f
 
     def check_alive(self) -> None:
