@@ -188,13 +188,10 @@ def _check_device(device: str | None) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import random
     import time
 
     from liveavatar.config import get_preset
-    from liveavatar.engine.session import GenerationOptions, Inputs
-    from liveavatar.io import media
-    from liveavatar.io.output import OutputFile
+    from liveavatar.render import DONE, locate
 
     start = time.time()
     _refuse_unsupported(args)
@@ -202,6 +199,45 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if preset.name != "tiny" and not args.ckpt_dir:
         raise UserError(f"no model weights given (--ckpt_dir); {WEIGHTS_HELP}")
     _check_generate_flags(args, preset)
+    from liveavatar.distributed.launch import in_torchrun
+
+    if in_torchrun():
+        if args.resume:
+            raise UserError("--resume is for single-process runs; a torchrun generation cannot be resumed: "
+                            "run it again without --resume")
+        from liveavatar.distributed.generate import generate
+        from liveavatar.io.output import OutputFile
+
+        opts, image, audio, save_file = _options_from_args(args)
+
+        def make_output():
+            return OutputFile(save_file, what="output video", overwrite=args.overwrite, inputs=(image, audio),
+                              rename_if_taken=args.save_file is None)
+
+        _in_range("--dist_timeout", args.dist_timeout, 1, 86_400, " seconds")
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        return generate(args, preset, opts, image, audio, make_output, _runtime_from_args(args), start)
+    job = _job_from_args(args, preset)  # every input is checked before any weight is loaded
+    saved = locate(job, args.resume)
+    if saved == DONE:
+        print(f"nothing to resume: {job.save_file!r} is this job's finished video")
+        return 0
+    job.output()  # the output rules (an existing file, an unwritable folder) before any weight is loaded
+    for line in job.inputs.warnings():
+        print(f"warning: {line}", file=sys.stderr)
+    if saved is None:
+        _mention_resumable(job)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return _generate(args, preset, job, saved, start)
+
+
+def _options_from_args(args: argparse.Namespace):
+    """(GenerationOptions, image, audio, save_file) of a `generate` command line (the seed drawn when -1)."""
+    import random
+
+    from liveavatar.engine.session import GenerationOptions
+    from liveavatar.io import media
+
     seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**31 - 1)
     opts = GenerationOptions(
         size=media.parse_size(args.size), infer_frames=args.infer_frames, num_clip=args.num_clip, seed=seed,
@@ -212,88 +248,199 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     image = args.image or str(media.example_image_path())
     audio = args.audio or str(media.example_audio_path())
     save_file = _default_save_file(args) if args.save_file is None else args.save_file
-
-    def make_output():
-        return OutputFile(save_file, what="output video", overwrite=args.overwrite, inputs=(image, audio),
-                          rename_if_taken=args.save_file is None)
-
-    from liveavatar.distributed.launch import in_torchrun
-
-    if in_torchrun():
-        from liveavatar.distributed.generate import generate
-
-        _in_range("--dist_timeout", args.dist_timeout, 1, 86_400, " seconds")
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        return generate(args, preset, opts, image, audio, make_output, _runtime_from_args(args), start)
-    out = make_output()
-    inputs = Inputs.load(image, audio, opts)  # every input is checked before any weight is loaded
-    for line in inputs.warnings():
-        print(f"warning: {line}", file=sys.stderr)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    return _generate(args, preset, opts, inputs, out, start)
+    return opts, image, audio, save_file
 
 
-def _generate(args, preset, opts, inputs, out, start: float) -> int:
-    """Load the model, stream the session into the MP4 writer; interruptions keep the partial file."""
+def _checkpoint_every(args: argparse.Namespace) -> int | None:
+    """--checkpoint_every: N blocks, 0 (never) or auto (None)."""
+    spec = str(args.checkpoint_every).strip().lower()
+    if spec == "auto":
+        every = None
+    else:
+        try:
+            every = int(spec)
+        except ValueError:
+            raise UserError(f"--checkpoint_every {args.checkpoint_every!r} is not a number of blocks or auto") from None
+        _in_range("--checkpoint_every", every, 0, 10**9, " blocks (0: never, or auto)")
+    if args.offline_decode:
+        if args.resume:
+            raise UserError("--resume needs blocks decoded as they finish: drop --offline_decode")
+        return 0  # a state exists only between decoded blocks
+    return every
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _model_identity(args: argparse.Namespace, preset) -> dict:
+    """What identifies the model a video is made with (checked when a render is resumed)."""
+    from liveavatar.engine.resume import weights_fingerprint
+
+    if args.ckpt_dir is None:
+        weights = "built-in tiny weights (seed 0)"
+    else:
+        weights = weights_fingerprint([p for p in (args.ckpt_dir, args.lora_path_dmd) if p])
+    kv_fp8 = bool(args.kv_fp8)
+    return {"preset": preset.name, "dtype": preset.dtype, "weights": weights, "fp8": bool(args.fp8),
+            "kv_fp8": kv_fp8, "kv_on_device": args.kv_on_device if kv_fp8 else None,
+            "device": _device(args).split(":")[0]}
+
+
+def _job_from_args(args: argparse.Namespace, preset):
+    """A checked `Job` from a `generate` command line: flags, inputs and their hashes, the model's identity."""
+    from liveavatar.engine.resume import JobIdentity
+    from liveavatar.engine.session import Inputs
+    from liveavatar.render import Job
+
+    every = _checkpoint_every(args)
+    opts, image, audio, save_file = _options_from_args(args)
+    from liveavatar.io.output import OutputFile
+
+    OutputFile(save_file, what="output video", overwrite=True, inputs=(image, audio))  # path checks only
+    inputs = Inputs.load(image, audio, opts)
+    identity = JobIdentity.make(opts, args.prompt, image, audio, _model_identity(args, preset),
+                                any_seed=args.base_seed < 0)
+    return Job(image, audio, args.prompt, opts, inputs, save_file, identity, overwrite=args.overwrite,
+               rename_if_taken=args.save_file is None, checkpoint_every=every, dump_dir=args.dump_chunks)
+
+
+def _mention_resumable(job) -> None:
+    from liveavatar.engine.resume import read_state, states_beside
+
+    for path in states_beside(job.save_file):
+        try:
+            st = read_state(path)
+        except UserError:
+            continue
+        if st.partial.exists():
+            print(f"warning: {str(st.partial)!r} can be continued from block {st.block} with --resume; this run "
+                  "starts anew and keeps it", file=sys.stderr)
+
+
+def _load_pipeline(args: argparse.Namespace, preset, device: str, runtime):
+    import torch
+
+    from liveavatar.engine.pipeline import Pipeline
+
+    if args.ckpt_dir is None:  # the built-in tiny model (the real one needs --ckpt_dir, checked above)
+        return Pipeline.tiny(device=device, runtime=runtime)
+    return Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
+                                    dtype=getattr(torch, preset.dtype), runtime=runtime)
+
+
+def _generate(args, preset, job, saved, start: float) -> int:
+    """Load the model, render the job into its MP4; interruptions keep the partial file and its state."""
     import time
 
     import torch
-    from tqdm import tqdm
 
-    from liveavatar.engine.pipeline import Pipeline
-    from liveavatar.io import media
-    from liveavatar.io.mp4 import MP4Writer
+    from liveavatar.render import Render
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     runtime = _runtime_from_args(args)
-    table = _check_fits(args, preset, runtime, device, inputs.height, inputs.width, opts.infer_frames,
-                        opts.sample_steps)
-    writer = MP4Writer(out, width=inputs.width, height=inputs.height, fps=preset.fps, audio=True,
-                       sample_rate=media.SAMPLE_RATE)
-    frames, first, t0 = 0, None, time.time()
+    table = _check_fits(args, preset, runtime, device, job.inputs.height, job.inputs.width, job.opts.infer_frames,
+                        job.opts.sample_steps)
+    t0 = time.time()
+    render = None
     try:
-        if args.ckpt_dir is None:  # the built-in tiny model (the real one needs --ckpt_dir, checked above)
-            pipe = Pipeline.tiny(device=device, runtime=runtime)
-        else:
-            pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
-                                            dtype=getattr(torch, preset.dtype), runtime=runtime)
-        with pipe.session(inputs, prompt=args.prompt, options=opts) as session:
-            for line in session.warnings:
-                print(f"warning: {line}", file=sys.stderr)
-            print(f"{inputs.width}x{inputs.height} (WxH), {session.num_frames} frames in {session.num_blocks} "
-                  f"blocks ({session.num_clips} clips), seed {opts.seed}, setup {time.time() - t0:.1f}s -> "
-                  f"{out.path}", file=sys.stderr)
-            bar = tqdm(total=session.num_blocks, unit="block", file=sys.stderr, dynamic_ncols=True)
-            t1 = time.time()
-            try:
-                for chunk in session:
-                    writer.write(chunk.frames, chunk.audio)
-                    first = first or time.time() - start
-                    frames += len(chunk.frames)
-                    bar.set_postfix_str(f"{frames} frames, {frames / (time.time() - t1):.2f} fps")
-                    bar.update(1)
-            finally:
-                bar.close()  # ends its line: any message after it stands alone
-        path = writer.close()
+        pipe = _load_pipeline(args, preset, device, runtime)
+        render = Render(pipe, job, saved)
+        path = render.run()
     except (KeyboardInterrupt, Terminated) as stop:
-        writer.abort()
         code, name = (130, "Ctrl-C") if isinstance(stop, KeyboardInterrupt) else (143, "SIGTERM")
-        kept = (f"the partial video {str(writer.partial_path)!r} plays its {frames} frames"
-                if writer.partial_path else "nothing was written")
+        partial = render.partial_path if render is not None else None
+        kept = (f"the partial video {str(partial)!r} plays its {render.frames} frames" if partial
+                else "nothing was written")
         print(f"error: stopped by {name}; {kept}", file=sys.stderr)
         return code
     except torch.OutOfMemoryError:
-        writer.abort()
         if table:
             print(table, file=sys.stderr)
         raise UserError("the GPU ran out of memory; the table above is the plan for this configuration: "
                         "run `liveavatar plan --auto` with your GPU memory and use the flags it prints") from None
-    except BaseException:
-        writer.abort()
-        raise
+    frames = render.frames
     print(f"saved {path} ({frames} frames, {frames / preset.fps:.2f}s) in {time.time() - t0:.1f}s "
-          f"(first frame after {first:.1f}s)")
+          f"(first frame after {render.first_frame:.1f}s); {render.checkpoints.summary()}")
     return 0
+
+
+class _JobParser(argparse.ArgumentParser):
+    """The `generate` flags of one batch job: a bad one is that job's error, not the batch's."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from liveavatar import batch
+    from liveavatar.config import get_preset
+    from liveavatar.render import Render, locate
+
+    preset = get_preset(args.preset)
+    if preset.name != "tiny" and not args.ckpt_dir:
+        raise UserError(f"no model weights given (--ckpt_dir); {WEIGHTS_HELP}")
+    _check_device(args.device)
+    lines = batch.read_jobs(args.jobs)
+    results = batch.Results(args.results or Path(args.jobs).with_suffix(".results.jsonl"))
+    job_parser = _JobParser(prog="job", add_help=False)
+    _add_generate(job_parser.add_subparsers(parser_class=_JobParser))
+    model = {k: getattr(args, k) for k in ("preset", "ckpt_dir", "lora_path_dmd", "device", "fp8", "resident_blocks",
+                                           "kv_on_device", "kv_fp8", "t5_cpu", "offload_model", "gpu_memory")}
+    device = _device(args)
+    runtime = _runtime_from_args(args)
+    pipe = None
+
+    def prepare(line: dict):
+        job_args = job_parser.parse_args(["generate", *batch.job_argv(line)])
+        vars(job_args).update(model, checkpoint_every=line.get("checkpoint_every", args.checkpoint_every))
+        _refuse_unsupported(job_args)
+        _check_generate_flags(job_args, preset)
+        job = _job_from_args(job_args, preset)
+        saved = locate(job, resume=True)
+        if saved != "done":
+            job.output()  # an existing file that is not this job's video, an unwritable folder
+        return job, saved
+
+    def render(job, saved, desc):
+        nonlocal pipe
+        _check_fits(args, preset, runtime, device, job.inputs.height, job.inputs.width, job.opts.infer_frames,
+                    job.opts.sample_steps)
+        if pipe is None:
+            print(f"loading {preset.name} on {device}", file=sys.stderr, flush=True)
+            pipe = _load_pipeline(args, preset, device, runtime)
+        r = Render(pipe, job, saved, desc=desc)
+        r.run()
+        return r
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        counts = batch.run_batch(lines, results, prepare, render)
+    finally:
+        results.close()
+    print(f"batch: {counts['ok']} ok, {counts['error']} errors, {counts['skipped']} skipped; results in "
+          f"{results.path}")
+    return 1 if counts["error"] else 0
+
+
+def _add_batch(sub) -> None:
+    p = sub.add_parser("batch", help="render every job of a JSONL file with one loaded model (killable, rerunnable)")
+    p.add_argument("jobs", help="JSONL file: one JSON object a line with image, audio, save_file and any "
+                               "per-video generate option (prompt, size, num_clip, base_seed, ...)")
+    p.add_argument("--results", default=None,
+                   help="JSONL file the outcome of each job is appended to (default: <jobs>.results.jsonl)")
+    p.add_argument("--preset", default="s2v-14b", choices=sorted(PRESETS))
+    p.add_argument("--ckpt_dir", default=None, help="the Wan2.2-S2V-14B folder")
+    p.add_argument("--lora_path_dmd", "--lora_path", dest="lora_path_dmd", default=None)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--gpu_memory", type=float, default=None, help="GB of GPU memory to use")
+    p.add_argument("--checkpoint_every", default="auto", help="as for generate (a job may set its own)")
+    _add_runtime_flags(p)
+    p.set_defaults(func=_cmd_batch)
 
 
 def _audio_window(spec: str) -> tuple[float, float, float]:
@@ -481,6 +628,14 @@ def _add_generate(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --save_file once the new video is complete")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the killed run of this --save_file from its last checkpoint (same arguments and "
+                        "inputs; starts anew when there is none; docs/resume.md)")
+    p.add_argument("--checkpoint_every", default="auto",
+                   help="save the render's state beside the partial video every N blocks; 0: never; auto "
+                        "(default): as often as keeps the saving time under 2 %% of the run")
+    p.add_argument("--dump_chunks", default=None, metavar="DIR",
+                   help="also write each chunk's raw frames and audio (before encoding) to DIR/chunk-<block>.npz")
     _add_runtime_flags(p)
     p.add_argument("--gpu_memory", type=float, default=None,
                    help="GB of GPU memory to use (caps the allocator; default: the whole GPU)")
@@ -593,6 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="liveavatar", description="Live Avatar: streaming avatar video")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_generate(sub)
+    _add_batch(sub)
     _add_plan(sub)
     _add_serve(sub)
 
