@@ -108,7 +108,8 @@ def _check_fits(args, preset, runtime, device: str, height: int, width: int, inf
     (on CUDA, or anywhere when --gpu_memory is given). Caps the CUDA allocator at --gpu_memory."""
     import torch
 
-    from liveavatar.runtime.memory import GiB, GPUSpec, format_plan, plan, predict
+    from liveavatar.runtime.gpus import default_gpu, from_device
+    from liveavatar.runtime.memory import GiB, format_plan, plan, predict
 
     total = None
     if device.startswith("cuda"):
@@ -118,7 +119,7 @@ def _check_fits(args, preset, runtime, device: str, height: int, width: int, inf
     cap = args.gpu_memory * GiB if args.gpu_memory else total
     if total is not None and args.gpu_memory:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(device))
-    gpu = GPUSpec.guess(cap / GiB)
+    gpu = (from_device(torch.device(device)) if total is not None else default_gpu(cap / GiB)).with_memory(cap / GiB)
     p = predict(preset, runtime, gpu, height, width, infer_frames, steps)
     table = format_plan(p, gpu)
     if not p.fits:
@@ -164,6 +165,18 @@ def _check_generate_flags(args: argparse.Namespace, preset) -> None:
     _in_range("--infer_frames", args.infer_frames, 12, 4800, " and a multiple of 12; use 48")
     _in_range("--audio_offset_frames", args.audio_offset_frames, 0, 3)
     _check_device(args.device)
+    _check_attention(args.attention, args.device)
+
+
+def _check_attention(name: str, device: str | None) -> None:
+    """--attention must name a kernel that runs on the device (checked before any weight is loaded)."""
+    if name == "auto":
+        return
+    import torch
+
+    from liveavatar.runtime.attention import attention_backends
+
+    attention_backends(name, device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _check_device(device: str | None) -> None:
@@ -461,13 +474,14 @@ def _runtime_from_args(args: argparse.Namespace):
     if getattr(args, "offload_kv_cache", False) and kv is None:
         kv = 0
     return RuntimeConfig(fp8=args.fp8, resident_blocks=args.resident_blocks, kv_on_device=kv,
-                         kv_fp8=args.kv_fp8, t5_cpu=args.t5_cpu, offload_model=args.offload_model)
+                         kv_fp8=args.kv_fp8, t5_cpu=args.t5_cpu, offload_model=args.offload_model,
+                         attention=args.attention)
 
 
 def _gpus(args: argparse.Namespace) -> tuple[int, float | None]:
-    """(count, GiB each) from --gpus N | NxGB and --gpu_memory GB."""
+    """(count, GiB each) from --gpus N | NxGiB and --gpu_memory GiB."""
     spec = str(args.gpus)
-    bad = UserError(f"--gpus {spec!r} is not of the form N or NxGB with N >= 1 and GB > 0 (e.g. 4x24)")
+    bad = UserError(f"--gpus {spec!r} is not of the form N or NxGiB with N >= 1 and GiB > 0 (e.g. 4x24)")
     n, _, gb = spec.partition("x")
     try:
         count, size = int(n), (float(gb) if gb else args.gpu_memory)
@@ -493,20 +507,48 @@ def _aspect(spec: str) -> tuple[int, int]:
     return ah, aw
 
 
+def _plan_gpu(args: argparse.Namespace, gib: float | None):
+    """The GPU `plan` plans for: --gpu NAME (its memory unless --gpu_memory / NxGiB says otherwise), else
+    this machine's CUDA device, else the default rates for the given memory; rate flags override."""
+    import dataclasses
+
+    from liveavatar.runtime.gpus import GPU_NAMES, default_gpu, from_device, gpu_named
+
+    if args.gpu is not None:
+        try:
+            gpu = gpu_named(args.gpu, gib)
+        except KeyError:
+            raise UserError(f"--gpu {args.gpu!r} is not a GPU this planner knows; use one of "
+                            f"{', '.join(GPU_NAMES)}, or give --gpu_memory GIB (and --tflops, --mem_gbps)") from None
+    elif gib is not None:
+        gpu = default_gpu(gib)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("give the GPU memory in GiB (--gpu_memory 24 or --gpus 1x24) or the GPU by name "
+                            "(--gpu rtx4090)")
+        gpu = from_device()
+    for flag, value in (("--tflops", args.tflops), ("--link_gbps", args.link_gbps), ("--peer_gbps", args.peer_gbps),
+                        ("--mem_gbps", args.mem_gbps)):
+        if value is not None:
+            _in_range(flag, value, 0.001, 1e7)
+    if args.tflops:  # the FP8 rate keeps its ratio to the bf16 rate
+        fp8 = None if gpu.fp8_tflops is None else gpu.fp8_tflops * args.tflops / gpu.tflops
+        gpu = dataclasses.replace(gpu, tflops=args.tflops, fp8_tflops=fp8)
+    return dataclasses.replace(gpu, link_gbps=args.link_gbps or gpu.link_gbps, mem_gbps=args.mem_gbps or gpu.mem_gbps,
+                               peer_gbps=args.peer_gbps or gpu.peer_gbps)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from liveavatar.config import get_preset
     from liveavatar.io import media
-    from liveavatar.runtime.memory import GPUSpec, format_plan, plan, predict
+    from liveavatar.runtime.memory import GiB, format_plan, plan, predict
 
     preset = get_preset(args.preset)
     n_gpus, gb = _gpus(args)
-    if gb is None:
-        raise UserError("give the GPU memory: --gpu_memory 24 (GB) or --gpus 1x24")
     if args.infer_frames <= 0 or args.infer_frames % 12:
         raise UserError(f"--infer_frames {args.infer_frames} is not a positive multiple of 12; use 48")
-    for flag, value in (("--tflops", args.tflops), ("--link_gbps", args.link_gbps), ("--peer_gbps", args.peer_gbps)):
-        if value is not None:
-            _in_range(flag, value, 0.001, 1e7)
     _in_range("--nnodes", args.nnodes, 1, MAX_GPUS)
     if args.resident_blocks is not None:
         _in_range("--resident_blocks", args.resident_blocks, 0, preset.dit.num_layers)
@@ -514,9 +556,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         _in_range("--kv_on_device", args.kv_on_device, 0, preset.sampler.steps)
     ah, aw = _aspect(args.aspect)
     height, width = media.target_size(ah * 80, aw * 80, media.parse_size(args.size))
-    gpu = GPUSpec.guess(gb)
-    gpu = GPUSpec(gpu.memory_bytes, args.tflops or gpu.tflops, gpu.fp8_tflops, args.link_gbps or gpu.link_gbps,
-                  args.peer_gbps or gpu.peer_gbps, gpu.node_gbps)
+    gpu = _plan_gpu(args, gb)
+    gb = gpu.memory_bytes / GiB
     total = n_gpus * args.nnodes
     if total > 1:
         return _plan_parallel(args, preset, gpu, total, height, width)
@@ -525,12 +566,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     else:
         p = predict(preset, _runtime_from_args(args), gpu, height, width, args.infer_frames)
     if args.json:
-        print(json.dumps(p.to_json(), indent=2))
+        print(json.dumps(p.to_json() | {"gpu": _gpu_json(gpu)}, indent=2))
     else:
         print(format_plan(p, gpu))
         if p.fits:
-            print("run: liveavatar generate " + " ".join(p.config.flags()) + f" --size {args.size} "
-                  f"--gpu_memory {gb:g}")
+            cap = f" --gpu_memory {gb:g}" if (args.gpu_memory or "x" in str(args.gpus)) else ""
+            print("run: liveavatar generate " + " ".join(p.config.flags()) + f" --size {args.size}{cap}")
         elif not args.auto:
             best = plan(preset, gpu, height, width, args.infer_frames)
             if best.fits:
@@ -558,13 +599,19 @@ def _plan_parallel(args, preset, gpu, total: int, height: int, width: int) -> in
         p = predict_parallel(preset, _runtime_from_args(args), layout, gpu, height, width, args.infer_frames,
                              args.nnodes)
     if args.json:
-        print(json.dumps(p.to_json(), indent=2))
+        print(json.dumps(p.to_json() | {"gpu": _gpu_json(gpu)}, indent=2))
     else:
         print(format_parallel(p, gpu, args.size))
         if not p.fits and not args.auto:
             best = plan_parallel(preset, gpu, total, height, width, args.infer_frames, args.nnodes)
             print(("what fits: " + best.command(args.size)) if best.fits else best.note)
     return 0 if p.fits else 1
+
+
+def _gpu_json(gpu) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(gpu) | {"has_fp8": gpu.has_fp8}
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -577,25 +624,34 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
     p.add_argument("--offload_model", type=_str2bool, nargs="?", const=True, default=True,
                    help="keep the text and audio encoders in host memory between uses (default true)")
+    p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient", "math"],
+                   help="attention kernel: auto (on CUDA the fastest that runs: cuDNN first on Hopper, flash "
+                        "elsewhere; on the CPU PyTorch's choice) or one of them (an error if it does not run here)")
 
 
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="predict per-GPU memory for a configuration, or pick one that fits (--auto)")
     p.add_argument("--preset", default="s2v-14b", choices=sorted(PRESETS))
-    p.add_argument("--gpus", default="1", help="GPUs per node: N, or NxGB (e.g. 5x24)")
+    p.add_argument("--gpu", default=None, type=str.lower,
+                   help="plan for this GPU: its memory, compute capability and data-sheet rates (h100-sxm, h200, "
+                        "a100-80gb, l40s, rtx4090, ...; an unknown name lists them all); default: this machine's GPU")
+    p.add_argument("--gpus", default="1", help="GPUs per node: N, or NxGiB (e.g. 5x24)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes with --gpus GPUs each (default 1)")
     p.add_argument("--peer_gbps", type=float, default=None, help="GPU-to-GPU GB/s inside a node for the estimate")
     p.add_argument("--num_gpus_dit", type=int, default=None, help="a layout to predict: denoising GPUs")
     p.add_argument("--enable_vae_parallel", action="store_true", help="a layout to predict: a decode GPU")
     p.add_argument("--ulysses_size", type=int, default=None, help="a layout to predict: GPUs per denoise stage")
     p.add_argument("--dit_fsdp", action="store_true", help="a layout to predict: sharded DiT weights")
-    p.add_argument("--gpu_memory", type=float, default=None, help="GB of memory per GPU")
+    p.add_argument("--gpu_memory", type=float, default=None,
+                   help="GiB (2^30 bytes) of memory per GPU (default: the --gpu's memory)")
     p.add_argument("--size", default="704*384", help="area cap H*W (default 704*384)")
     p.add_argument("--aspect", default="16:9", help="image aspect H:W (default 16:9, a portrait)")
     p.add_argument("--infer_frames", type=int, default=48)
     p.add_argument("--auto", action="store_true", help="pick the fastest configuration that fits")
     p.add_argument("--no_fp8", action="store_true", help="with --auto: keep bf16 weights and KV caches (no FP8)")
-    p.add_argument("--tflops", type=float, default=None, help="GPU dense bf16 TFLOP/s for the speed estimate")
+    p.add_argument("--tflops", type=float, default=None,
+                   help="dense bf16 TFLOP/s for the speed estimate (the FP8 rate keeps its ratio to it)")
+    p.add_argument("--mem_gbps", type=float, default=None, help="GPU memory GB/s for the speed estimate")
     p.add_argument("--link_gbps", type=float, default=None, help="host-to-GPU GB/s for the speed estimate")
     p.add_argument("--json", action="store_true")
     _add_runtime_flags(p)
@@ -638,7 +694,7 @@ def _add_generate(sub) -> None:
                    help="also write each chunk's raw frames and audio (before encoding) to DIR/chunk-<block>.npz")
     _add_runtime_flags(p)
     p.add_argument("--gpu_memory", type=float, default=None,
-                   help="GB of GPU memory to use (caps the allocator; default: the whole GPU)")
+                   help="GiB (2^30 bytes) of GPU memory to use (caps the allocator; default: the whole GPU)")
     p.add_argument("--offload_kv_cache", action="store_true", help="keep every KV cache in host memory "
                    "(same as --kv_on_device 0)")
     p.add_argument("--enable_online_decode", action="store_true",
@@ -706,6 +762,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _in_range("--max_seconds", args.max_seconds, 1, 7 * 86400)
     _in_range("--idle_timeout", args.idle_timeout, 1, 86400)
     _check_device(args.device)
+    _check_attention(args.attention, args.device)
 
     import torch
 

@@ -9,11 +9,13 @@ ring caches of the stage's steps and its own sink with the rank's share of the h
 buffers, the VAE where the conditioning is encoded (rank 0) and where blocks are decoded, and the
 encoders at setup on rank 0. The same budget rule as on one GPU applies to every rank.
 
-Speed: a stage takes its steps' time: matmul FLOPs over its G ranks at the GPU's rate, plus the
-all-to-alls of sequence parallelism (4 per layer) at the GPU-to-GPU rate, with sharded-weight gathers
-overlapping compute (the slower of the two counts). Blocks leave the pipeline at the pace of the
-slowest stage, or of the decoder (its FLOPs counted on the VAE built on meta). These are estimates
-from data-sheet rates, not measurements.
+Speed: a stage takes its steps' time: the single-GPU speed model's step (`memory.step_seconds`:
+linears at the bf16 or FP8 rate, attention at the bf16 rate, elementwise and quantisation traffic at
+the memory bandwidth) with its work split over the G ranks, plus the all-to-alls of sequence
+parallelism (4 per layer) at the GPU-to-GPU rate, with sharded-weight gathers overlapping compute
+(the slower of the two counts). Blocks leave the pipeline at the pace of the slowest stage, or of
+the decoder (its FLOPs counted on the VAE built on meta). These are estimates from data-sheet rates,
+not measurements.
 """
 
 from __future__ import annotations
@@ -137,7 +139,8 @@ def rank_components(preset: Preset, cfg: m.RuntimeConfig, layout: ParallelLayout
             "kv.host_ring_slots": (len(role.steps) - on_dev) * HostRingKVCache.device_bytes_for(
                 preset.dit, tokens.fs, m.BF16, heads=heads),
             "kv.sink": SinkCache.bytes_for(preset.dit, tokens, m.BF16, heads=heads),
-            "dit.workspace": m.block_workspace_bytes(preset, tokens, ulysses=layout.ulysses) + dequant,
+            "dit.workspace": m.block_workspace_bytes(preset, tokens, ulysses=layout.ulysses) + dequant
+            + m.math_attention_bytes(preset, tokens, cfg, ulysses=layout.ulysses),
             "text_context": preset.dit.text_len * preset.dit.dim * 2,
         }
     if role.decodes or role.frontend:
@@ -166,11 +169,10 @@ def stage_seconds(preset: Preset, cfg: m.RuntimeConfig, layout: ParallelLayout, 
                   width: int, steps: int, nnodes: int) -> float:
     """Seconds one block takes through a stage of `steps` steps."""
     tokens = SinkLayout(height // 8, width // 8, preset.dit.zip_frame_buckets)
-    single = m.seconds_per_block(preset, cfg, gpu, height, width, layout.steps) / layout.steps  # one step
     u = layout.ulysses
+    compute = m.step_seconds(preset, cfg, gpu, height, width, layout.steps, share=u)  # one step, 1/u of the work
     if u == 1:
-        return steps * single
-    compute = single / u
+        return steps * compute
     lq = preset.dit.frames_per_block * tokens.fs
     per_rank = -(-lq // u) * preset.dit.dim * 2 * (u - 1) / u  # bytes one rank sends per all-to-all
     link = gpu.peer_gbps if u <= layout.world // nnodes else gpu.node_gbps
@@ -192,7 +194,7 @@ def predict_parallel(preset: Preset, cfg: m.RuntimeConfig, layout: ParallelLayou
         comps = dict(steady) | {"setup.encoders": max(setup.values(), default=0), "cuda_context": m.CUDA_CONTEXT_BYTES}
         ranks.append(RankPlan(role.describe(), peak, steady_total, setup_total, comps))
     stages = [stage_seconds(preset, cfg, layout, gpu, height, width, len(s), nnodes) for s in layout.stage_steps()]
-    decode = m.vae_decode_flops(preset, height, width) / (gpu.tflops * 1e12)
+    decode = m.decode_seconds(preset, gpu, height, width)
     if not layout.decode_rank:
         stages[-1] += decode
     fits = all(r.peak_bytes <= budget for r in ranks)
@@ -256,8 +258,8 @@ def format_parallel(p: ParallelPlan, gpu: m.GPUSpec, size: str) -> str:
                else f"does NOT fit: {-p.margin_bytes / m.GiB:.2f} GiB over on the fullest rank")
     lines.append(f"{verdict}; estimated {p.seconds_per_block:.2f} s a block ({12 / p.seconds_per_block:.1f} "
                  f"frames/s; stages {', '.join(f'{s:.2f}' for s in p.stage_seconds)} s, decode "
-                 f"{p.decode_seconds:.2f} s; first block after {p.first_block_seconds:.2f} s) at "
-                 f"{gpu.tflops:.0f} bf16 TFLOP/s and {gpu.peer_gbps:.0f} GB/s between GPUs (an estimate, not a "
+                 f"{p.decode_seconds:.2f} s; first block after {p.first_block_seconds:.2f} s) on "
+                 f"{gpu.describe()}, {gpu.peer_gbps:g} GB/s between GPUs (an estimate from data-sheet rates, not a "
                  "measurement)")
     if p.note:
         lines.append(p.note)

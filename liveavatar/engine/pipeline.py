@@ -41,6 +41,9 @@ class Pipeline:
             from liveavatar.runtime.fp8 import apply_fp8
 
             apply_fp8(dit)  # after the LoRA merge, as the official code does
+        from liveavatar.runtime.attention import apply_attention_backend
+
+        apply_attention_backend(dit, rt.attention, self.device, self.dtype)  # --attention
         if not place:
             return dit, None
         if rt.resident_blocks is not None and rt.resident_blocks < len(dit.blocks):

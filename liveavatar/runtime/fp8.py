@@ -12,12 +12,23 @@ and runs `torch._scaled_mm`; elsewhere it dequantises the weight to the activati
 `F.linear`. Everything here also works on `meta` tensors, and `fp8_nbytes` gives the byte size of
 a quantized model from shapes alone (the memory planner's number).
 
+Weights are quantised once, when `apply_fp8` runs (after the LoRA merge, at load). What runs per call
+is cheap only if it is fused: `fp8_kernels(device)` gives the activation quantiser and the
+dequantiser as one `torch.compile`d kernel each on CUDA (eager, several passes, elsewhere or if
+compilation fails; inside a compiled region the eager code, which the outer graph fuses). With
+`gemm="auto"` an `FP8Linear` takes the FP8 GEMM only where the speed model
+(`liveavatar.runtime.speed.fp8_gemm_faster`) says it beats dequantising the weight for its shape on
+this GPU (always, for the DiT's shapes on an H100 with the compiled quantiser; never without FP8
+tensor cores). `FP8RingKVCache` quantises and dequantises with the same kernels.
+
 Weight scales use the full e4m3 range (scale = amax / 448), unlike the official code, which caps
 the multiplier 448 / amax at 448 and so under-uses the range for weights with amax < 1.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -31,6 +42,7 @@ DEFAULT_SKIP = (
     "text_embedding", "time_embedding", "time_projection", "head.head", "casual_audio_encoder.encoder.final_linear",
 )
 GRANULARITIES = ("channel", "tensor")
+QUANTISERS = ("auto", "compiled", "eager")
 
 
 def quantize_fp8(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +60,55 @@ def quantize_fp8(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch
     return q, scale
 
 
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q · scale computed in fp32 and rounded once to `dtype` (scale broadcasts against q)."""
+    return (q.float() * scale).to(dtype)
+
+
+_compiled: dict[str, tuple] = {}  # device type -> (quantize, dequantize) compiled, or the eager pair
+
+
+def _eager_pair():
+    return quantize_fp8, dequantize_fp8
+
+
+def _compiled_pair(device_type: str):
+    if device_type not in _compiled:
+        try:
+            q = torch.compile(quantize_fp8, dynamic=None)
+            d = torch.compile(dequantize_fp8, dynamic=None)
+            probe = torch.ones(2, 16, dtype=torch.bfloat16, device=device_type)
+            d(*q(probe, "row"), torch.bfloat16)  # compile errors surface here, once
+            _compiled[device_type] = (q, d)
+        except Exception as exc:  # no compiler toolchain, an unsupported backend...: stay eager
+            warnings.warn(f"FP8 kernels could not be compiled on {device_type} ({type(exc).__name__}: {exc}); "
+                          "quantising with the unfused eager code", stacklevel=3)
+            _compiled[device_type] = _eager_pair()
+    return _compiled[device_type]
+
+
+def fp8_kernels(device: torch.device | str, quantiser: str = "auto"):
+    """(quantize, dequantize) for tensors on `device`: `quantize(x, granularity) -> (q, scale)` and
+    `dequantize(q, scale, dtype)`, each one fused kernel when compiled. `quantiser`: "auto" (compiled
+    on CUDA, eager elsewhere), "compiled" or "eager". Inside a region being compiled the eager code
+    is returned, for the outer graph to fuse."""
+    if quantiser not in QUANTISERS:
+        raise ValueError(f"quantiser must be one of {QUANTISERS}, got {quantiser!r}")
+    device_type = torch.device(device).type
+    if quantiser == "eager" or torch.compiler.is_compiling() or device_type == "meta":
+        return _eager_pair()
+    if quantiser == "auto" and device_type != "cuda":
+        return _eager_pair()
+    return _compiled_pair(device_type)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_spec(device: torch.device):
+    from liveavatar.runtime.gpus import from_device
+
+    return from_device(device)
+
+
 def _scaled_mm_supported(device: torch.device) -> bool:
     return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
             and torch.cuda.get_device_capability(device) >= (8, 9))
@@ -56,7 +117,8 @@ def _scaled_mm_supported(device: torch.device) -> bool:
 class FP8Linear(nn.Module):
     """y = x Wᵀ + b with W stored as e4m3 and W ≈ weight · weight_scale (per output channel or tensor).
 
-    `gemm`: "auto" (FP8 GEMM where supported, else dequantise), "scaled_mm" or "dequant" (forced)."""
+    `gemm`: "auto" (the FP8 GEMM where supported and faster than dequantising, per input shape, by the
+    speed model), "scaled_mm" or "dequant" (forced). `quantiser`: see `fp8_kernels`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, granularity: str = "channel",
                  bias_dtype: torch.dtype = torch.bfloat16, device=None):
@@ -65,6 +127,8 @@ class FP8Linear(nn.Module):
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self.in_features, self.out_features, self.granularity = in_features, out_features, granularity
         self.gemm = "auto"
+        self.quantiser = "auto"
+        self._faster: dict[tuple, bool] = {}  # (device, rows) -> the FP8 GEMM is faster
         scale_shape = (out_features,) if granularity == "channel" else ()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
                                    requires_grad=False)
@@ -93,7 +157,7 @@ class FP8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W ≈ weight · weight_scale, computed in fp32 and rounded once to `dtype`: [out, in]."""
         scale = self.weight_scale.reshape(-1, 1) if self.granularity == "channel" else self.weight_scale
-        return (self.weight.float() * scale).to(dtype)
+        return fp8_kernels(self.weight.device, self.quantiser)[1](self.weight, scale, dtype)
 
     def _use_scaled_mm(self, x: torch.Tensor) -> bool:
         if self.gemm != "auto":
@@ -101,7 +165,17 @@ class FP8Linear(nn.Module):
         if not _scaled_mm_supported(x.device):
             return False
         # FP8 GEMM: K and N multiples of 16; bf16 output and bias (rowwise scaling allows nothing else).
-        return x.dtype == torch.bfloat16 and self.in_features % 16 == 0 and self.out_features % 16 == 0
+        if not (x.dtype == torch.bfloat16 and self.in_features % 16 == 0 and self.out_features % 16 == 0):
+            return False
+        rows = x.numel() // self.in_features
+        key = (x.device, rows)
+        if key not in self._faster:
+            from liveavatar.runtime.speed import fp8_gemm_faster
+
+            quantiser = "eager" if self.quantiser == "eager" else "compiled"
+            self._faster[key] = fp8_gemm_faster(_device_spec(x.device), rows, self.in_features, self.out_features,
+                                                quantiser)
+        return self._faster[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out] in x.dtype."""
@@ -109,13 +183,14 @@ class FP8Linear(nn.Module):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
         x2 = x.reshape(-1, self.in_features)
+        quantize = fp8_kernels(x.device, self.quantiser)[0]
         # Dynamic activation scale: per row when the weight has per-channel scales (rowwise GEMM),
         # else one per tensor.
         if self.granularity == "channel":
-            xq, sx = quantize_fp8(x2, "row")  # sx: [M, 1]
+            xq, sx = quantize(x2, "row")  # sx: [M, 1]
             sw = self.weight_scale.reshape(1, -1)  # [1, N]
         else:
-            xq, sx = quantize_fp8(x2, "tensor")  # sx: []
+            xq, sx = quantize(x2, "tensor")  # sx: []
             sw = self.weight_scale
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=x.dtype,
@@ -173,6 +248,6 @@ def count_fp8(model: nn.Module) -> int:
 
 
 __all__ = [
-    "DEFAULT_SKIP", "FP8Linear", "FP8_DTYPE", "FP8_MAX", "apply_fp8", "count_fp8", "fp8_nbytes", "fp8_targets",
-    "quantize_fp8",
+    "DEFAULT_SKIP", "FP8Linear", "FP8_DTYPE", "FP8_MAX", "apply_fp8", "count_fp8", "dequantize_fp8", "fp8_kernels",
+    "fp8_nbytes", "fp8_targets", "quantize_fp8",
 ]

@@ -10,7 +10,8 @@ largest set of tensors alive at once in one block forward / one latent decode of
 implementation. They have not been measured on a GPU yet (docs/memory.md says so).
 
 `plan()` enumerates the runtime configurations this engine can run on one GPU, predicts each one's
-peak and time per block, and returns the fastest that fits, with the exact `generate` flags.
+peak and time per block (`liveavatar.runtime.speed`: the counted work of a forward at the rates of the
+GPU, `liveavatar.runtime.gpus`), and returns the fastest that fits, with the exact `generate` flags.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from liveavatar.config import Preset
 from liveavatar.models.layout import SinkLayout
+from liveavatar.runtime.gpus import GPUSpec
 from liveavatar.runtime.kv_cache import FP8RingKVCache, HostRingKVCache, RingKVCache, SinkCache
 
 GiB = 2**30
@@ -29,26 +31,6 @@ GB = 10**9
 BF16 = torch.bfloat16
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside the caching allocator
 FRAGMENTATION = 0.05  # share of the budget kept free for allocator fragmentation
-
-
-@dataclass(frozen=True)
-class GPUSpec:
-    """What the planner needs to know about one GPU (rates are dense bf16 tensor-core and host link)."""
-
-    memory_bytes: int
-    tflops: float = 165.0  # RTX 4090-class default
-    fp8_tflops: float | None = 330.0  # None: no FP8 tensor cores (sm < 8.9): FP8 weights are dequantised
-    link_gbps: float = 25.0  # host <-> device, GB/s (PCIe 4.0 x16 in practice)
-    peer_gbps: float = 25.0  # GPU <-> GPU in one node, GB/s per GPU (PCIe; NVLink is ~450)
-    node_gbps: float = 25.0  # between nodes, GB/s per GPU (200 Gb/s networking)
-
-    @classmethod
-    def guess(cls, memory_gb: float) -> GPUSpec:
-        """Rates by memory size: 80+ GB -> H100 SXM-class, else a 24-48 GB Ada-class card."""
-        if memory_gb >= 75:
-            return cls(int(memory_gb * GiB), tflops=790.0, fp8_tflops=1580.0, link_gbps=50.0, peer_gbps=450.0,
-                       node_gbps=50.0)
-        return cls(int(memory_gb * GiB))
 
 
 @dataclass(frozen=True)
@@ -61,6 +43,7 @@ class RuntimeConfig:
     kv_fp8: bool = False  # --kv_fp8: the step caches kept on the GPU store K/V in FP8 e4m3
     t5_cpu: bool = False  # --t5_cpu: text encoder runs on the CPU
     offload_model: bool = True  # --offload_model: encoders live in host memory, on the GPU only while running
+    attention: str = "auto"  # --attention: the SDPA kernel (liveavatar.runtime.attention)
 
     def flags(self) -> list[str]:
         out = []
@@ -75,6 +58,8 @@ class RuntimeConfig:
         if self.t5_cpu:
             out.append("--t5_cpu")
         out += ["--offload_model", "true" if self.offload_model else "false"]
+        if self.attention != "auto":
+            out += ["--attention", self.attention]
         return out
 
 
@@ -183,6 +168,18 @@ def block_workspace_bytes(preset: Preset, layout: SinkLayout, itemsize: int = 2,
     )
 
 
+def math_attention_bytes(preset: Preset, layout: SinkLayout, cfg: RuntimeConfig, itemsize: int = 2,
+                         ulysses: int = 1) -> int:
+    """With `--attention math` the self-attention materialises its scores and their softmax,
+    [heads, Lq, Lk] each; the fused kernels never do (0)."""
+    if cfg.attention != "math":
+        return 0
+    d = preset.dit
+    lq = d.frames_per_block * layout.fs
+    lk = d.ring_frames * layout.fs + layout.num_tokens
+    return 2 * (d.num_heads // ulysses) * lq * lk * itemsize
+
+
 @functools.lru_cache(maxsize=16)
 def vae_decode_flops(preset: Preset, height: int, width: int) -> float:
     """FLOPs of decoding one block (3 latents) in the steady state, counted on the model built on meta."""
@@ -245,7 +242,8 @@ def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infe
         "kv.ring_caches": n_dev * ring,
         "kv.host_ring_slots": (steps - n_dev) * HostRingKVCache.device_bytes_for(preset.dit, fs, BF16),
         "kv.sink": SinkCache.bytes_for(preset.dit, layout, BF16),
-        "dit.workspace": block_workspace_bytes(preset, layout) + dequant,  # + FP8 ring read-back copies
+        # + FP8 ring read-back copies; + the score matrix and its softmax with the math attention kernel
+        "dit.workspace": block_workspace_bytes(preset, layout) + dequant + math_attention_bytes(preset, layout, cfg),
         "vae.weights": enc["vae"],
         "vae.stream_state": stream_state_nbytes(preset.vae, h, w, BF16),
         "vae.decode_workspace": vae_decode_workspace_bytes(preset, height, width),
@@ -302,17 +300,16 @@ def forward_flops(preset: Preset, layout: SinkLayout) -> float:
     return cfg.num_layers * per_block + inject
 
 
-def seconds_per_block(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: int, width: int,
-                      steps: int | None = None) -> float:
-    """Estimated seconds per block (all denoising steps): compute, or host transfers where they are
-    longer (they overlap compute through prefetch)."""
+def step_seconds(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: int, width: int,
+                 steps: int | None = None, share: int = 1) -> float:
+    """Estimated seconds of one denoising step of a block: the forward's compute (`speed.forward_seconds`),
+    or its host transfers where they are longer (they overlap compute through prefetch). `share`:
+    sequence-parallel ranks splitting the compute (transfers are per rank and not split)."""
+    from liveavatar.runtime.speed import forward_seconds, forward_work
+
     steps = steps or preset.sampler.steps
-    layout = SinkLayout(height // 8, width // 8, preset.dit.zip_frame_buckets)
-    fs = layout.fs
-    rate = gpu.fp8_tflops if (cfg.fp8 and gpu.fp8_tflops) else gpu.tflops
-    compute = forward_flops(preset, layout) / (rate * 1e12)
-    if cfg.fp8 and not gpu.fp8_tflops:
-        compute *= 1.15  # dequantise-on-the-fly
+    compute = forward_seconds(forward_work(preset, height, width), gpu, cfg.fp8, cfg.kv_fp8, share=share)["total"]
+    fs = (height // 16) * (width // 16)
     _, flat, _ = _dit_weight_bytes(preset, cfg.fp8)
     k = len(flat) if cfg.resident_blocks is None else cfg.resident_blocks
     moved = sum(flat[k:])
@@ -320,7 +317,20 @@ def seconds_per_block(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: 
     ring = RingKVCache.bytes_for(preset.dit, fs, BF16)
     kv_moved = (steps - n_dev) * ring * 1.25 / steps  # whole ring in, the new block's slots back
     transfer = (moved + kv_moved) / (gpu.link_gbps * GB)
-    return steps * max(compute, transfer)
+    return max(compute, transfer)
+
+
+def decode_seconds(preset: Preset, gpu: GPUSpec, height: int, width: int) -> float:
+    """Estimated seconds of decoding one block: the VAE's counted FLOPs at half the bf16 peak (its
+    convolutions reach less of the peak than large GEMMs; an assumption)."""
+    return vae_decode_flops(preset, height, width) / (gpu.tflops * 1e12 * 0.5)
+
+
+def seconds_per_block(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: int, width: int,
+                      steps: int | None = None) -> float:
+    """Estimated seconds per block on one GPU: every denoising step, then the decode."""
+    steps = steps or preset.sampler.steps
+    return steps * step_seconds(preset, cfg, gpu, height, width, steps) + decode_seconds(preset, gpu, height, width)
 
 
 def predict(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: int, width: int, infer_frames: int = 48,
@@ -386,11 +396,9 @@ def format_plan(p: Plan, gpu: GPUSpec) -> str:
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in p.host.items() if v)
         lines.append(f"host memory: {host / GiB:.2f} GiB ({parts})")
     verdict = "fits" if p.fits else "does NOT fit"
-    rate = gpu.fp8_tflops if (p.config.fp8 and gpu.fp8_tflops) else gpu.tflops
-    kind = "FP8" if (p.config.fp8 and gpu.fp8_tflops) else "bf16"
     lines.append(f"{verdict} on the GPU; estimated {p.seconds_per_block:.2f} s a block "
-                 f"({12 / p.seconds_per_block:.1f} frames/s) at {rate:.0f} {kind} TFLOP/s and "
-                 f"{gpu.link_gbps:.0f} GB/s host link (an estimate, not a measurement)")
+                 f"({12 / p.seconds_per_block:.1f} frames/s) on {gpu.describe()} (an estimate from data-sheet "
+                 "rates, not a measurement)")
     if p.note:
         lines.append(p.note)
     return "\n".join(lines)
@@ -398,6 +406,7 @@ def format_plan(p: Plan, gpu: GPUSpec) -> str:
 
 __all__ = [
     "format_plan",
-    "GPUSpec", "Plan", "RuntimeConfig", "block_workspace_bytes", "candidates", "components", "forward_flops",
-    "plan", "predict", "seconds_per_block", "vae_decode_flops", "vae_decode_workspace_bytes",
+    "GPUSpec", "Plan", "RuntimeConfig", "block_workspace_bytes", "candidates", "components", "decode_seconds",
+    "forward_flops", "plan", "predict", "seconds_per_block", "step_seconds", "vae_decode_flops",
+    "vae_decode_workspace_bytes",
 ]

@@ -16,10 +16,12 @@ import pytest
 from liveavatar.cli import build_parser, main
 
 GiB = 2**30
-RING = 40 * 12 * 1056 * 2 * 5120 * 2  # one step's ring at 704x384: 40 layers, 12 frames of fs 1056, K+V bf16
 SINK = 40 * 2640 * 2 * 5120 * 2  # sink at 704x384: 1056 ref + 1056 + 264 + 264 motion tokens
+# One step's ring at 704x384: 40 layers, 12 frames of fs 1056, K+V bf16, followed in each layer's buffer by
+# the 2640 sink tokens (re-roped there once per forward).
+RING = 40 * (12 * 1056 + 2640) * 2 * 5120 * 2
 RING_FP8 = 40 * 12 * 1056 * 2 * 5120 + 40 * 12 * 1056 * 2 * 40 * 4  # FP8 K+V plus one fp32 scale per token/head
-HOST_SLOTS = 2 * RING // 40  # a host-staged ring keeps two layers on the GPU
+HOST_SLOTS = 2 * RING // 40  # a host-staged ring keeps two layers (ring + sink) on the GPU
 TRANSIENT = ("dit.workspace", "vae.decode_workspace", "audio_encoder.windowed")  # never alive at once
 NOT_RESIDENT = ("setup.encoders", "cuda_context")
 
@@ -88,18 +90,21 @@ def test_auto_fits_each_scenario_gpu(capsys, argv, n_gpus, gib):
 
 
 def test_auto_picks_fp8_and_staged_kv_on_24_gb(capsys):
-    """On 24 GiB nothing with all four ring caches on the GPU fits, so every ring is host-staged."""
+    """On 24 GiB nothing with all four ring caches on the GPU fits, so some rings are host-staged (how many
+    against how many streamed blocks is the speed model's trade-off of compute against the host link)."""
     _, p = plan_json(capsys, "--gpu_memory", "24", "--auto")
-    assert p["config"]["fp8"] is True and p["config"]["kv_on_device"] == 0
+    assert p["config"]["fp8"] is True and p["config"]["kv_on_device"] < 4
+    assert p["gpu"]["name"] == "unspecified GPU" and p["gpu"]["known"] is False
     rc, q = plan_json(capsys, "--gpu_memory", "24", "--fp8")  # the same, but the rings left on the GPU
     assert rc == 1 and q["fits"] is False and q["gpus"][0]["peak_bytes"] > q["budget_bytes"]
 
 
 def test_more_memory_is_never_slower(capsys):
-    """The fastest fitting layout of a bigger GPU (same assumed rates) is at least as fast."""
+    """The fastest fitting layout of a bigger GPU (same rates: an H100's, whose compute is fast enough for
+    the host link to matter) is at least as fast."""
     times = []
     for gib in (16, 24, 32, 48, 64):
-        _, p = plan_json(capsys, "--gpu_memory", str(gib), "--auto", "--tflops", "165", "--link_gbps", "25")
+        _, p = plan_json(capsys, "--gpu", "h100-sxm", "--gpu_memory", str(gib), "--auto", "--link_gbps", "25")
         assert p["fits"]
         times.append(p["seconds_per_block_estimate"])
     assert times == sorted(times, reverse=True)
@@ -114,10 +119,11 @@ def test_no_fp8_never_picks_fp8(capsys, gib):
     assert p["gpus"][0]["peak_bytes"] <= p["budget_bytes"]
     check_components(p["gpus"][0], p["config"])
     check_flags_round_trip(p)
-    if gib == 80:  # bf16 with every block and every ring on the GPU fits an 80 GiB card
-        assert p["flags"] == ["--offload_model", "true"]
-    else:
-        assert p["config"]["resident_blocks"] is not None and p["config"]["resident_blocks"] < 40
+    # bf16 with every block and every ring (and its sink tokens) on the GPU needs 81.7 GiB at 704x384:
+    # even an 80 GiB card streams a few blocks (it keeps every ring on the GPU)
+    assert p["config"]["resident_blocks"] is not None and p["config"]["resident_blocks"] < 40
+    if gib == 80:
+        assert p["config"]["kv_on_device"] is None and p["config"]["resident_blocks"] >= 25
 
 
 @pytest.mark.parametrize("argv", [["--gpu_memory", "6"], ["--gpu_memory", "24", "--size", "2048*2048"]])
@@ -148,12 +154,12 @@ def test_explicit_config_that_does_not_fit_prints_what_fits(capsys):
 
 
 def test_explicit_config_that_fits_prints_the_command(capsys):
-    rc, out, _ = run_plan(capsys, "--gpus", "1x80")
+    rc, out, _ = run_plan(capsys, "--gpus", "1x96")
     assert rc == 0
     run = [line for line in out.splitlines() if line.startswith("run: liveavatar generate ")]
     assert len(run) == 1
     ns = generate_args(shlex.split(run[0].removeprefix("run: liveavatar generate ")))
-    assert ns.gpu_memory == 80 and not ns.fp8 and ns.resident_blocks is None
+    assert ns.gpu_memory == 96 and not ns.fp8 and ns.resident_blocks is None
 
 
 @pytest.mark.parametrize("gpus", ["ax24", "4x", "x24", "4x24x2", "four", "4xlarge"])
