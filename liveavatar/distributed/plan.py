@@ -131,13 +131,14 @@ def rank_components(preset: Preset, cfg: m.RuntimeConfig, layout: ParallelLayout
                        "dit.stream_slots": min(2, len(rest)) * max(rest, default=0)}
         n_dev = layout.steps if cfg.kv_on_device is None else cfg.kv_on_device
         on_dev = sum(1 for i in role.steps if i < n_dev)
-        ring = (FP8RingKVCache if cfg.kv_fp8 else RingKVCache).bytes_for(preset.dit, tokens.fs, m.BF16, heads=heads)
+        ring = (FP8RingKVCache if cfg.kv_fp8 else RingKVCache).bytes_for(preset.dit, tokens.fs, m.BF16, heads=heads,
+                                                                          sink_tokens=tokens.num_tokens)
         dequant = 2 * preset.dit.ring_frames * tokens.fs * preset.dit.dim * 6 // layout.ulysses if (
             cfg.kv_fp8 and on_dev) else 0
         steady |= {
             "kv.ring_caches": on_dev * ring,
             "kv.host_ring_slots": (len(role.steps) - on_dev) * HostRingKVCache.device_bytes_for(
-                preset.dit, tokens.fs, m.BF16, heads=heads),
+                preset.dit, tokens.fs, m.BF16, heads=heads, sink_tokens=tokens.num_tokens),
             "kv.sink": SinkCache.bytes_for(preset.dit, tokens, m.BF16, heads=heads),
             "dit.workspace": m.block_workspace_bytes(preset, tokens, ulysses=layout.ulysses) + dequant
             + m.math_attention_bytes(preset, tokens, cfg, ulysses=layout.ulysses),

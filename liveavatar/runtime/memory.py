@@ -232,7 +232,8 @@ def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infe
     k = len(groups) if cfg.resident_blocks is None else max(0, min(cfg.resident_blocks, len(groups)))
     rest = flat[k:]
     enc = _encoder_bytes(preset)
-    ring = (FP8RingKVCache if cfg.kv_fp8 else RingKVCache).bytes_for(preset.dit, fs, BF16)
+    # Resident rings hold the sink tokens after the ring in each layer's buffer (kv_cache.py).
+    ring = (FP8RingKVCache if cfg.kv_fp8 else RingKVCache).bytes_for(preset.dit, fs, BF16, sink_tokens=layout.num_tokens)
     n_dev = steps if cfg.kv_on_device is None else max(0, min(cfg.kv_on_device, steps))
     dequant = 2 * preset.dit.ring_frames * fs * preset.dit.dim * (4 + 2) if (cfg.kv_fp8 and n_dev) else 0
     steady = {
@@ -240,7 +241,8 @@ def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infe
         "dit.weights.other": base,
         "dit.stream_slots": min(2, len(rest)) * max(rest, default=0),
         "kv.ring_caches": n_dev * ring,
-        "kv.host_ring_slots": (steps - n_dev) * HostRingKVCache.device_bytes_for(preset.dit, fs, BF16),
+        "kv.host_ring_slots": (steps - n_dev) * HostRingKVCache.device_bytes_for(preset.dit, fs, BF16,
+                                                                               sink_tokens=layout.num_tokens),
         "kv.sink": SinkCache.bytes_for(preset.dit, layout, BF16),
         # + FP8 ring read-back copies; + the score matrix and its softmax with the math attention kernel
         "dit.workspace": block_workspace_bytes(preset, layout) + dequant + math_attention_bytes(preset, layout, cfg),
