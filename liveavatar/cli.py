@@ -215,6 +215,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from liveavatar.distributed.launch import in_torchrun
 
     if in_torchrun():
+        if args.compile:
+            raise UserError("--compile is for single-process runs for now; run the torchrun command without it")
         if args.resume:
             raise UserError("--resume is for single-process runs; a torchrun generation cannot be resumed: "
                             "run it again without --resume")
@@ -339,9 +341,15 @@ def _load_pipeline(args: argparse.Namespace, preset, device: str, runtime):
     from liveavatar.engine.pipeline import Pipeline
 
     if args.ckpt_dir is None:  # the built-in tiny model (the real one needs --ckpt_dir, checked above)
-        return Pipeline.tiny(device=device, runtime=runtime)
-    return Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
-                                    dtype=getattr(torch, preset.dtype), runtime=runtime)
+        pipe = Pipeline.tiny(device=device, runtime=runtime)
+    else:
+        pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
+                                        dtype=getattr(torch, preset.dtype), runtime=runtime)
+    if getattr(args, "compile", False):
+        from liveavatar.runtime.compile import apply_compile
+
+        apply_compile(pipe.dit)
+    return pipe
 
 
 def _generate(args, preset, job, saved, start: float) -> int:
@@ -693,6 +701,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--dump_chunks", default=None, metavar="DIR",
                    help="also write each chunk's raw frames and audio (before encoding) to DIR/chunk-<block>.npz")
     _add_runtime_flags(p)
+    p.add_argument("--compile", action="store_true",
+                   help="compile each transformer block with torch.compile (fullgraph; off by default: not yet "
+                        "measured faster on a GPU, and compiling takes minutes on a CPU)")
     p.add_argument("--gpu_memory", type=float, default=None,
                    help="GiB (2^30 bytes) of GPU memory to use (caps the allocator; default: the whole GPU)")
     p.add_argument("--offload_kv_cache", action="store_true", help="keep every KV cache in host memory "

@@ -84,9 +84,9 @@ class _UlyssesAttend:
     def __init__(self, attend, shards: SequenceShards):
         self.attend, self.shards = attend, shards
 
-    def __call__(self, q, k, v, ctx, layer):
+    def __call__(self, q, k, v, cache):
         s = self.shards
-        y = self.attend(s.seq_to_heads(q), s.seq_to_heads(k), s.seq_to_heads(v), ctx, layer)
+        y = self.attend(s.seq_to_heads(q), s.seq_to_heads(k), s.seq_to_heads(v), cache)
         return s.heads_to_seq(y)
 
 

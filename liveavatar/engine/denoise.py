@@ -9,8 +9,10 @@ and the conditioning (text context; reference and motion latents for the sink pr
 refresh arrives as an explicit event (`refresh`).
 
 The orchestration the model does not do lives here: ring slots and active lengths, the RoPE tables
-of the block's tokens and of the rolled sink (computed in host memory, uploaded once per block and
-per distinct distance), and the timesteps (uploaded once per stage).
+of the block's tokens and of the rolled sink of every step (computed in host memory, uploaded in one
+copy per block), the text cross-attention keys and values (once per session) and each step's time
+embedding (once per stage). Nothing on a block's path waits for the device: with a compiled DiT
+(`liveavatar.runtime.compile`) the forwards see the same shapes at every block.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from liveavatar.engine.task import BlockTask
 from liveavatar.models.dit import CausalS2VDiT
 from liveavatar.models.layout import SinkLayout
 from liveavatar.models.rope import grid_factors
+from liveavatar.runtime.compile import is_compiled
 from liveavatar.runtime.device import to_device
 from liveavatar.runtime.kv_cache import (
     BlockAttention,
@@ -47,26 +50,47 @@ def ring_position(ring: RingKVCache, frame_start: int, frames: int) -> tuple[int
     return slot, (ring.ring_len if start >= ring.ring_len else start + seg)
 
 
+def _block_tables(cfg: DiTConfig, layout: SinkLayout, frame_start: int, frames: int):
+    h2, w2 = layout.h // cfg.patch_size[1], layout.w // cfg.patch_size[2]
+    return grid_factors(range(frame_start, frame_start + frames), range(h2), range(w2), cfg.rope_split)
+
+
+def _sink_tables(cfg: DiTConfig, layout: SinkLayout, frame_start: int, d: int):
+    roll = max(0, frame_start - (cfg.sink_ref_pos - d))
+    return layout.rope(cfg, cfg.sink_ref_pos + roll)
+
+
 def block_rope(cfg: DiTConfig, layout: SinkLayout, frame_start: int, frames: int, device):
     """cos/sin [frames·fs, d/2] of a block's tokens at latent frames [frame_start, frame_start + frames)."""
-    h2, w2 = layout.h // cfg.patch_size[1], layout.w // cfg.patch_size[2]
-    cos, sin = grid_factors(range(frame_start, frame_start + frames), range(h2), range(w2), cfg.rope_split)
+    cos, sin = _block_tables(cfg, layout, frame_start, frames)
     return to_device(cos, device), to_device(sin, device)
 
 
 def sink_rope(cfg: DiTConfig, layout: SinkLayout, frame_start: int, d: int, device):
     """cos/sin of the sink tokens with the reference frame rolled to position max(30, F0 + d)."""
-    roll = max(0, frame_start - (cfg.sink_ref_pos - d))
-    cos, sin = layout.rope(cfg, cfg.sink_ref_pos + roll)
+    cos, sin = _sink_tables(cfg, layout, frame_start, d)
     return to_device(cos, device), to_device(sin, device)
 
 
+def block_tables(cfg: DiTConfig, layout: SinkLayout, frame_start: int, frames: int, distances, device):
+    """The block's RoPE tables and the rolled sink's for each distance, in one host-to-device copy:
+    (cos, sin) of the block and a list of (cos, sin) of the sink, one per distance."""
+    block = _block_tables(cfg, layout, frame_start, frames)
+    sinks = [_sink_tables(cfg, layout, frame_start, d) for d in distances]
+    tables = [*block, *(t for pair in sinks for t in pair)]
+    flat = to_device(torch.cat([t.reshape(-1) for t in tables]), device)
+    parts = [p.view(t.shape) for p, t in zip(flat.split([t.numel() for t in tables]), tables, strict=True)]
+    return (parts[0], parts[1]), [(parts[2 + 2 * j], parts[3 + 2 * j]) for j in range(len(sinks))]
+
+
 def block_attention(cfg: DiTConfig, ring: RingKVCache, sink: SinkCache, frame_start: int, d: int,
-                    frames: int, device, rope=None) -> BlockAttention:
-    """The attention context of one block forward (`rope`: the block's tables, if already uploaded)."""
+                    frames: int, device, rope=None, sink_tables=None, static: bool = False) -> BlockAttention:
+    """The attention context of one block forward (`rope`, `sink_tables`: the block's and the rolled
+    sink's tables, if already uploaded; `static`: the same shapes at every slot, for a compiled DiT)."""
     slot, active = ring_position(ring, frame_start, frames)
     rope = rope or block_rope(cfg, sink.layout, frame_start, frames, device)
-    return BlockAttention(ring, sink, rope, sink_rope(cfg, sink.layout, frame_start, d, device), slot, active)
+    sink_tables = sink_tables or sink_rope(cfg, sink.layout, frame_start, d, device)
+    return BlockAttention(ring, sink, rope, sink_tables, slot, active, frames * ring.fs, static)
 
 
 def sink_prefill(cfg: DiTConfig, sink: SinkCache, device) -> SinkPrefill:
@@ -87,25 +111,35 @@ class DenoiseStage:
         self.cfg, self.layout, self.device, self.dtype = dit.cfg, layout, torch.device(device), dtype
         runtime = runtime or RuntimeConfig()
         n_dev = len(schedule) if runtime.kv_on_device is None else runtime.kv_on_device
-        on_device = FP8RingKVCache if runtime.kv_fp8 else RingKVCache
-        self.rings = {i: (on_device if i < n_dev else HostRingKVCache).allocate(self.cfg, layout.fs, dtype, self.device,
-                                                                                heads=heads)
-                      for i in self.steps}
+        self.rings = {}
+        staging = None  # the FP8 rings of a stage share one layer's staging buffers
+        for i in self.steps:
+            kind = (FP8RingKVCache if runtime.kv_fp8 else RingKVCache) if i < n_dev else HostRingKVCache
+            extra = {"staging": staging} if kind is FP8RingKVCache else {}
+            self.rings[i] = kind.allocate(self.cfg, layout.fs, dtype, self.device, heads=heads,
+                                          sink_tokens=layout.num_tokens, **extra)
+            staging = getattr(self.rings[i], "staging", staging)
         self.sink = SinkCache.allocate(self.cfg, layout, dtype, self.device, heads=heads)
         self.timesteps = torch.tensor(schedule.timesteps, dtype=torch.float32, device=self.device)
-        self.text = self.motion_latents = None
+        self.times: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # (step, B, F) -> block_time
+        self.text = self.text_kv = self.motion_latents = None
 
     def start(self, text: torch.Tensor, ref_latent: torch.Tensor, motion_latents: torch.Tensor) -> None:
         """Take the conditioning and prefill the sink with the reference and motion latents."""
-        self.text = text.to(self.device)
+        self._set_text(text)
         self.motion_latents = motion_latents.to(self.device)
         self.refresh(ref_latent)
+
+    def _set_text(self, text: torch.Tensor) -> None:
+        self.text = text.to(self.device)
+        with torch.no_grad():
+            self.text_kv = self.dit.text_kv(self.text)
 
     def refresh(self, ref_latent: torch.Tensor) -> None:
         """The sink (re-)prefill with `ref_latent` [1, C, 1, h, w] as the reference (the sink refresh
         event carries the first generated latent)."""
         with torch.no_grad():
-            self.dit.prefill_sink(ref_latent.to(self.device), self.motion_latents, self.text,
+            self.dit.prefill_sink(ref_latent.to(self.device), self.motion_latents, self.text_kv,
                                   sink_prefill(self.cfg, self.sink, self.device))
 
     def __call__(self, task: BlockTask, z: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,14 +148,22 @@ class DenoiseStage:
         z = to_device(task.noise, self.device) if z is None else z.to(self.device)
         frames = z.shape[2]
         audio = to_device(task.audio, self.device)
-        rope = block_rope(self.cfg, self.layout, task.frame_start, frames, self.device)
+        rope, sinks = block_tables(self.cfg, self.layout, task.frame_start, frames,
+                                   [task.distances[i] for i in self.steps], self.device)
+        static = is_compiled(self.dit)
         with torch.no_grad():
-            for i in self.steps:
+            for j, i in enumerate(self.steps):
                 ctx = block_attention(self.cfg, self.rings[i], self.sink, task.frame_start, task.distances[i],
-                                      frames, self.device, rope)
-                v = self.dit(z, self.timesteps[i:i + 1], audio, self.text, ctx)
+                                      frames, self.device, rope, sinks[j], static)
+                v = self.dit(z, self._time(i, z.shape[0], frames), audio, self.text_kv, ctx)
                 z = euler_step(z, v, self.schedule, i)
         return z
+
+    def _time(self, i: int, batch: int, frames: int):
+        """Step i's time embedding (computed once per stage)."""
+        if (i, batch, frames) not in self.times:
+            self.times[i, batch, frames] = self.dit.block_time(self.timesteps[i:i + 1], batch, frames)
+        return self.times[i, batch, frames]
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -132,7 +174,8 @@ class DenoiseStage:
     def load_state_dict(self, state: dict, text: torch.Tensor, motion_latents: torch.Tensor) -> None:
         if list(state["steps"]) != self.steps:
             raise ValueError(f"saved stage owns steps {state['steps']}, this one {self.steps}")
-        self.text, self.motion_latents = text.to(self.device), motion_latents.to(self.device)
+        self._set_text(text)
+        self.motion_latents = motion_latents.to(self.device)
         self.sink.load(state["sink"])
         for i, ring in self.rings.items():
             ring.load(state["rings"][i])
@@ -146,7 +189,9 @@ class DenoiseStage:
         for ring in self.rings.values():
             ring.close()
         self.sink.close()
-        self.rings, self.text, self.motion_latents = {}, None, None
+        self.rings, self.text, self.text_kv, self.motion_latents = {}, None, None, None
+        self.times = {}
 
 
-__all__ = ["DenoiseStage", "block_attention", "block_rope", "ring_position", "sink_prefill", "sink_rope"]
+__all__ = ["DenoiseStage", "block_attention", "block_rope", "block_tables", "ring_position", "sink_prefill",
+           "sink_rope"]

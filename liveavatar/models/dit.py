@@ -49,9 +49,12 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full softmax attention, scale 1/sqrt(d). q: [B, Lq, N, d], k/v: [B, Lk, N, d] -> [B, Lq, N·d]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention, scale 1/sqrt(d). q: [B, Lq, N, d], k/v: [B, Lk, N, d], mask: None (all keys)
+    or [Lk] bool (the keys to attend to) -> [B, Lq, N·d]."""
+    if mask is not None:
+        mask = mask.view(1, 1, 1, -1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 
 
@@ -86,19 +89,22 @@ class Attention(nn.Module):
         """x: [B, L, D] -> q, k (normed), v: [B, L, N, d]."""
         return self.heads(self.norm_q(self.q(x))), self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, layer: int) -> torch.Tensor:
-        """Self-attention core: RoPE on q and k, the attention context's keys and values (the cache),
-        softmax attention. q, k, v: [B, L, N, d] -> [B, L, N·d]. Sequence parallelism wraps this."""
-        cos, sin = ctx.rope
-        keys, values = ctx.kv(layer, k, apply_rope(k, cos, sin), v)
-        return attention(apply_rope(q, cos, sin), keys, values)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache) -> torch.Tensor:
+        """Self-attention core: RoPE on q and k, the layer's keys and values from `cache` (a `LayerKV`:
+        `rope`, `kv(k, k_roped, v)`, `mask`), softmax attention. q, k, v: [B, L, N, d] -> [B, L, N·d].
+        Sequence parallelism wraps this."""
+        cos, sin = cache.rope
+        keys, values = cache.kv(k, apply_rope(k, cos, sin), v)
+        return attention(apply_rope(q, cos, sin), keys, values, cache.mask)
 
-    def cross(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        """Unmasked cross-attention. x: [B, Lq, D], ctx: [B, Lk, D] -> [B, Lq, D]."""
+    def context_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys (normed) and values of a context. ctx: [B, Lk, D] -> k, v: [B, Lk, N, d]."""
+        return self.heads(self.norm_k(self.k(ctx))), self.heads(self.v(ctx))
+
+    def cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Unmasked cross-attention. x: [B, Lq, D], kv: `context_kv` of the context -> [B, Lq, D]."""
         q = self.heads(self.norm_q(self.q(x)))
-        k = self.heads(self.norm_k(self.k(ctx)))
-        v = self.heads(self.v(ctx))
-        return self.o(attention(q, k, v))
+        return self.o(attention(q, *kv))
 
 
 class Block(nn.Module):
@@ -115,10 +121,10 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.bf16_norm3 = True
 
-    def forward(self, x, e0, text, ctx, layer: int, frames: int, skip_tail: bool = False):
+    def forward(self, x, e0, text_kv, cache, frames: int, skip_tail: bool = False):
         """x: [B, L, D]; e0: [B, G, 6, D] fp32 (one modulation row per group of L/G tokens);
-        text: [B, 512, D]; ctx: attention context (`rope` tables of the L tokens and
-        `kv(layer, k, k_roped, v)`). Returns [B, L, D] in x.dtype."""
+        text_kv: this block's `cross_attn.context_kv` of the text; cache: the layer's `LayerKV` (`rope`
+        tables of the L tokens, `kv(k, k_roped, v)`, `mask`). Returns [B, L, D] in x.dtype."""
         dtype = x.dtype
         b, seq, dim = x.shape
         mod = (self.modulation.float().unsqueeze(0) + e0).unbind(2)  # 6 × [B, G, D]
@@ -131,14 +137,14 @@ class Block(nn.Module):
 
         h = modulate(layer_norm(x, self.eps).float(), mod[0], mod[1]).to(dtype)
         q, k, v = self.self_attn.qkv(h)
-        xr = x.float() + gate(self.self_attn.o(self.self_attn.attend(q, k, v, ctx, layer)), mod[2])
+        xr = x.float() + gate(self.self_attn.o(self.self_attn.attend(q, k, v, cache)), mod[2])
         if skip_tail:  # sink prefill, last layer: the rest of the block only feeds a discarded output
             return xr.to(dtype)
         # The official block rounds the residual to bf16 before norm3 and returns bf16, in any dtype.
         hn = xr.to(torch.bfloat16).float() if self.bf16_norm3 else xr
         hn = F.layer_norm(hn, (dim,), self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
         hn = (hn.to(torch.bfloat16) if self.bf16_norm3 else hn).to(dtype)
-        xr = xr + self.cross_attn.cross(hn, text).float()
+        xr = xr + self.cross_attn.cross(hn, text_kv).float()
         h = modulate(layer_norm(xr, self.eps), mod[3], mod[4]).to(dtype)
         xr = xr + gate(self.ffn(h), mod[5])
         return xr.to(dtype)
@@ -293,6 +299,20 @@ class CausalS2VDiT(nn.Module):
         ctx = torch.cat([context, pad]).to(self.text_embedding[0].weight.dtype)
         return self.text_embedding(ctx.unsqueeze(0))
 
+    def text_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's text cross-attention keys and values (`embed_text` output -> [B, 512, N, d]
+        each); computed once per session, they stand for `text` in `forward` and `prefill_sink`."""
+        return [block.cross_attn.context_kv(text) for block in self.blocks]
+
+    def block_time(self, t: torch.Tensor | float, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The time embedding of a block forward at timestep t ([B] tensor or a number): e [B, F, D] for
+        the head and e0 [B, F, 6, D] for the blocks, fp32. A function of t only: cached per timestep,
+        it stands for `t` in `forward`."""
+        device = self.patch_embedding.weight.device
+        t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1).expand(batch)
+        e, e0 = self.time_modulation(t[:, None].expand(batch, frames))
+        return e, e0[0]
+
     def time_modulation(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t: [B, F] -> e (per-frame embedding, [B, F, D]) and e0 at t and at 0 ([2, B, F, 6, D]), fp32."""
         tt = torch.cat([t.reshape(1, *t.shape), torch.zeros_like(t).unsqueeze(0)])  # [2, B, F]
@@ -317,7 +337,8 @@ class CausalS2VDiT(nn.Module):
         f = a_glob.shape[1]
         h = x.view(b * f, seq // f, dim)
         h = self.audio_injector.injector_adain_layers[j](h, a_glob.reshape(b * f, dim)).to(x.dtype)
-        r = self.audio_injector.injector[j].cross(h, a_loc.reshape(b * f, -1, dim))
+        inj = self.audio_injector.injector[j]
+        r = inj.cross(h, inj.context_kv(a_loc.reshape(b * f, -1, dim)))
         return x + r.view(b, seq, dim)
 
     # ---- sink prefill -------------------------------------------------------------------------
@@ -337,20 +358,22 @@ class CausalS2VDiT(nn.Module):
         b = x.shape[0]
         _, e0 = self.time_modulation(x.new_zeros(b, cfg.frames_per_block, dtype=torch.float32))
         e0 = e0[1, :, :1]  # sink tokens use the t = 0 row of frame 0: [B, 1, 6, D]
+        text_kv = self.text_kv(text) if isinstance(text, torch.Tensor) else text
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, text, ctx, i, frames=1, skip_tail=i == len(self.blocks) - 1)
+            x = block(x, e0, text_kv[i], ctx.layer(i), frames=1, skip_tail=i == len(self.blocks) - 1)
+            ctx.done(i)
         ctx.finish()
 
     # ---- streaming block forward --------------------------------------------------------------
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor | float, audio: torch.Tensor, text: torch.Tensor,
-                ctx) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, t, audio: torch.Tensor, text, ctx) -> torch.Tensor:
         """Velocity for one block.
 
-        z: [B, C, F=3, h, w] noisy latents; t: [B] tensor on z's device (or a number) timestep;
-        audio: [B, 25, C_a, 4·F] this block's audio features; text: `embed_text` output; ctx: the
-        block's `BlockAttention` (RoPE tables of its tokens, its step's ring cache at the block's
-        slot, the sink re-roped for this call). Returns v: [B, C, F, h, w] in the weight dtype."""
+        z: [B, C, F=3, h, w] noisy latents; t: [B] tensor on z's device (or a number) timestep, or its
+        `block_time`; audio: [B, 25, C_a, 4·F] this block's audio features; text: `embed_text` output
+        or its `text_kv`; ctx: the block's `BlockAttention` (per layer: the step's ring cache at the
+        block's slot followed by the sink re-roped for this call, RoPE tables of its tokens). Returns
+        v: [B, C, F, h, w] in the weight dtype."""
         cfg = self.cfg
         dtype = self.patch_embedding.weight.dtype
         b, _, f, h, w = z.shape
@@ -359,12 +382,12 @@ class CausalS2VDiT(nn.Module):
         x = self.patch_embedding(z.to(dtype)).flatten(2).transpose(1, 2)
         x = x + self.cond_encoder.bias.to(dtype) + self.trainable_cond_mask.weight[0].to(dtype)
 
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
-        e, e0 = self.time_modulation(t[:, None].expand(b, f))
-        e0 = e0[0]  # [B, F, 6, D]
+        e, e0 = t if isinstance(t, tuple) else self.block_time(t, b, f)  # [B, F, D], [B, F, 6, D]
+        text_kv = self.text_kv(text) if isinstance(text, torch.Tensor) else text
 
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, text, ctx, i, frames=f)
+            x = block(x, e0, text_kv[i], ctx.layer(i), frames=f)
+            ctx.done(i)
             if i in self.inject_index:
                 x = self._inject_audio(i, x, a_glob, a_loc)
         ctx.finish()

@@ -233,7 +233,8 @@ def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infe
     rest = flat[k:]
     enc = _encoder_bytes(preset)
     # Resident rings hold the sink tokens after the ring in each layer's buffer (kv_cache.py).
-    ring = (FP8RingKVCache if cfg.kv_fp8 else RingKVCache).bytes_for(preset.dit, fs, BF16, sink_tokens=layout.num_tokens)
+    ring = (FP8RingKVCache if cfg.kv_fp8 else RingKVCache).bytes_for(preset.dit, fs, BF16,
+                                                                     sink_tokens=layout.num_tokens)
     n_dev = steps if cfg.kv_on_device is None else max(0, min(cfg.kv_on_device, steps))
     dequant = 2 * preset.dit.ring_frames * fs * preset.dit.dim * (4 + 2) if (cfg.kv_fp8 and n_dev) else 0
     steady = {

@@ -45,7 +45,7 @@ def _run(name):
     h, w = meta["lat_h"], meta["lat_w"]
     layout = SinkLayout(h, w)
     sink = SinkCache.allocate(cfg, layout, torch.float32)
-    ring = RingKVCache.allocate(cfg, layout.fs, torch.float32)
+    ring = RingKVCache.allocate(cfg, layout.fs, torch.float32, sink_tokens=layout.num_tokens)
     with torch.no_grad():
         text = model.embed_text(inp["context"])
         prefill(model, inp["ref_latents"], inp["motion_latents"], text, sink)
@@ -98,7 +98,7 @@ def test_rsfm_distance_matters_at_wrap():
         text = model.embed_text(inp["context"])
         for d in (6, 4):
             sink = SinkCache.allocate(cfg, layout, torch.float32)
-            ring = RingKVCache.allocate(cfg, layout.fs, torch.float32)
+            ring = RingKVCache.allocate(cfg, layout.fs, torch.float32, sink_tokens=layout.num_tokens)
             prefill(model, inp["ref_latents"], inp["motion_latents"], text, sink)
             outs.append(forward(model, inp["z"][4:5], inp["t_block"], inp["audio"][4], text, ring, sink, 36, d))
     assert (outs[0] - outs[1]).abs().max() > 1e-4
@@ -110,7 +110,7 @@ def test_block_forward_past_the_official_two_hour_table():
     inp = fx["inputs"]
     layout = SinkLayout(8, 8)
     sink = SinkCache.allocate(cfg, layout, torch.float32)
-    ring = RingKVCache.allocate(cfg, layout.fs, torch.float32)
+    ring = RingKVCache.allocate(cfg, layout.fs, torch.float32, sink_tokens=layout.num_tokens)
     with torch.no_grad():
         text = model.embed_text(inp["context"])
         prefill(model, inp["ref_latents"], inp["motion_latents"], text, sink)

@@ -39,9 +39,10 @@ def test_full_size_cache_bytes_equal_the_cache_objects_on_meta():
     h, w = 704 // 8, 384 // 8
     layout = SinkLayout(h, w)
     steady, _ = components(S2V_14B, RuntimeConfig(kv_on_device=1), 704, 384)
-    ring = RingKVCache.allocate(S2V_14B.dit, layout.fs, torch.bfloat16, "meta")
+    ring = RingKVCache.allocate(S2V_14B.dit, layout.fs, torch.bfloat16, "meta", sink_tokens=layout.num_tokens)
     sink = SinkCache.allocate(S2V_14B.dit, layout, torch.bfloat16, "meta")
-    assert steady["kv.ring_caches"] == ring.device_nbytes == 40 * 12 * 1056 * 2 * 5120 * 2  # 10.38 GB
+    # 10.38 GB of ring and 2.16 GB of sink tokens after it (re-roped per forward, attended without a copy)
+    assert steady["kv.ring_caches"] == ring.device_nbytes == 40 * (12 * 1056 + 2640) * 2 * 5120 * 2
     assert steady["kv.sink"] == sink.nbytes == 40 * 2640 * 2 * 5120 * 2
     assert steady["kv.host_ring_slots"] == 3 * 2 * ring.device_nbytes // 40
 
@@ -77,8 +78,10 @@ def test_tiny_pipeline_objects_match_the_planner(tmp_path):
     assert streamer.nbytes_device == (steady["dit.weights.resident_blocks"] + steady["dit.weights.other"]
                                       + steady["dit.stream_slots"])
     layout = SinkLayout(height // 8, width // 8)
-    rings = [RingKVCache.allocate(TINY.dit, layout.fs, torch.bfloat16) for _ in range(2)]
-    rings += [HostRingKVCache.allocate(TINY.dit, layout.fs, torch.bfloat16, "cpu") for _ in range(2)]
+    rings = [RingKVCache.allocate(TINY.dit, layout.fs, torch.bfloat16, sink_tokens=layout.num_tokens)
+             for _ in range(2)]
+    rings += [HostRingKVCache.allocate(TINY.dit, layout.fs, torch.bfloat16, "cpu", sink_tokens=layout.num_tokens)
+              for _ in range(2)]
     assert sum(r.device_nbytes for r in rings[:2]) == steady["kv.ring_caches"]
     assert sum(r.device_nbytes for r in rings[2:]) == steady["kv.host_ring_slots"]
     assert SinkCache.allocate(TINY.dit, layout, torch.bfloat16).nbytes == steady["kv.sink"]

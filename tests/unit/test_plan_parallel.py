@@ -41,7 +41,8 @@ def test_sequence_parallel_sharded_fp8_on_four_ranks_with_a_decode_gpu_fits_five
     args = ["--gpus", "5x24", "--num_gpus_dit", "4", "--ulysses_size", "4", "--dit_fsdp", "--enable_vae_parallel",
             "--fp8"]
     rc, p = plan(capsys, *args)
-    assert rc == 0 and p["fits"] and p["margin_bytes"] > 4 * GiB
+    # 3.8 GiB: each rank's ring holds its heads' share of the sink tokens too (0.5 GiB, kv_cache.py)
+    assert rc == 0 and p["fits"] and p["margin_bytes"] > 3.5 * GiB
     rank0 = p["gpus"][0]["components"]
     assert rank0["dit.stream_slots"] > 0 and rank0["dit.weights.shards"] < rank0["dit.stream_slots"] * 10
     assert p["gpus"][4]["role"] == "rank 4, decode" and "dit.weights.shards" not in p["gpus"][4]["components"]

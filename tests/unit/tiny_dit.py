@@ -38,7 +38,7 @@ def run_blocks(model, cfg, dtype=torch.float32, n_blocks=6, seed=1):
     h = w = 8
     layout = SinkLayout(h, w)
     sink = SinkCache.allocate(cfg, layout, dtype)
-    ring = RingKVCache.allocate(cfg, layout.fs, dtype)
+    ring = RingKVCache.allocate(cfg, layout.fs, dtype, sink_tokens=layout.num_tokens)
     ctx = torch.randn(7, cfg.text_dim, generator=g)
     ref = torch.randn(1, cfg.in_dim, 1, h, w, generator=g)
     motion = torch.randn(1, cfg.in_dim, 19, h, w, generator=g)
