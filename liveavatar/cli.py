@@ -751,6 +751,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
 
     from liveavatar.config import get_preset
+    from liveavatar.io import media
 
     try:
         import fastapi  # noqa: F401
@@ -769,7 +770,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--host {args.host} is reachable from other machines: give a token (--token or "
                         "LIVEAVATAR_TOKEN) that every client must send, or serve on 127.0.0.1")
     _in_range("--port", args.port, 1, 65535)
-    _in_range("--max_active", args.max_active, 1, 64)
+    if args.max_active != "auto":
+        try:
+            args.max_active = int(args.max_active)
+        except ValueError:
+            raise UserError(f"--max_active {args.max_active!r} is not a number; give 1 ... 64 or auto") from None
+        _in_range("--max_active", args.max_active, 1, 64)
+    _in_range("--max_lead", args.max_lead, 0.1, 86400)
+    max_area = media.parse_size(args.size)
     _in_range("--max_seconds", args.max_seconds, 1, 7 * 86400)
     _in_range("--idle_timeout", args.idle_timeout, 1, 86400)
     _check_device(args.device)
@@ -779,7 +787,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from liveavatar.engine.pipeline import Pipeline
     from liveavatar.serve.app import serve
-    from liveavatar.serve.engine import Limits, LiveEngine
+    from liveavatar.serve.engine import Limits, LiveEngine, auto_max_active
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runtime = _runtime_from_args(args)
@@ -788,9 +796,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     else:
         pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
                                         dtype=getattr(torch, preset.dtype), runtime=runtime)
-    limits = Limits(max_active=args.max_active, max_seconds=args.max_seconds, idle_timeout=args.idle_timeout)
-    print(f"serving {preset.name} on http://{args.host}:{args.port}/ (at most {limits.max_active} sessions at once)",
-          file=sys.stderr, flush=True)
+    height, width = media.target_size(384, 704, max_area) if max_area != 704 * 384 else (384, 704)
+    if args.max_active == "auto":
+        args.max_active, why = auto_max_active(pipe, height, width)
+    else:
+        why = f"{args.max_active} sessions (--max_active)"
+    limits = Limits(max_active=args.max_active, max_seconds=args.max_seconds, idle_timeout=args.idle_timeout,
+                    max_lead=args.max_lead, max_area=max_area)
+    print(f"serving {preset.name} on http://{args.host}:{args.port}/; at once: {why}", file=sys.stderr, flush=True)
     serve(LiveEngine(pipe, limits), args.host, args.port, token)
     return 0
 
@@ -804,8 +817,14 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", default=None, help="a secret every request must carry (required off loopback)")
-    p.add_argument("--max_active", type=int, default=2, help="sessions generating at once; others wait in a queue")
+    p.add_argument("--max_active", default="auto",
+                   help="sessions generating at once, others wait in a queue (default auto: as many as the memory "
+                        "planner fits at --size, at most 8)")
+    p.add_argument("--size", default="704*384",
+                   help="largest video area a session may ask for (and the default); sessions plan at this size")
     p.add_argument("--max_seconds", type=float, default=3600.0, help="seconds of video a session may make")
+    p.add_argument("--max_lead", type=float, default=1.0,
+                   help="seconds of video a session may run ahead of real time (large: as fast as possible)")
     p.add_argument("--idle_timeout", type=float, default=300.0,
                    help="seconds without a client message before a session is closed")
     _add_runtime_flags(p)

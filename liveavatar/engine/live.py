@@ -53,6 +53,7 @@ class LiveFrontend:
         self.next_block = 0
         self.emitted = 0
         self.idle_blocks = 0
+        self.spoken: dict[int, bool] = {}  # recent blocks: whether each carries speech
         self._lock = threading.RLock()
         self._arrival = threading.Condition(self._lock)
 
@@ -95,6 +96,10 @@ class LiveFrontend:
     def speaking(self) -> bool:
         """An utterance is playing or queued."""
         return self.playing is not None or bool(self.queue)
+
+    def block_speaks(self, index: int) -> bool:
+        """Whether block `index` (one of the last 64 made) carries speech."""
+        return self.spoken.get(index, False)
 
     # -- tasks ---------------------------------------------------------------------------------------
 
@@ -160,6 +165,8 @@ class LiveFrontend:
                 speech = u.speech.read(a0, a1)
                 u.speech.release(min(u.features.keep_from(), a1))
             task = self.plan.task(n, audio, video_start=self.emitted, keep=(lo, per), speech=speech)
+            self.spoken[n] = u is not None
+            self.spoken.pop(n - 64, None)
             self.next_block, self.emitted = n + 1, self.emitted + per - lo
             return task
 

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from liveavatar.engine.session import GenerationOptions, check_options
 from liveavatar.errors import UserError
 from liveavatar.io import media
-from liveavatar.serve.engine import LiveEngine
+from liveavatar.serve.engine import LiveEngine, SessionOptions
 
 PAGE = Path(__file__).parent / "page.html"
 MAX_IMAGE_BYTES = 20 * 2**20
@@ -39,6 +41,7 @@ MAX_SPEECH_BYTES = 200 * 2**20
 MAX_PCM_FRAME = 16000 * 60 * 4  # bytes in one WebSocket speech frame (a minute of float32)
 OPTION_FIELDS = {"size": str, "seed": int, "sample_steps": int, "audio_encoding": str, "audio_window": list,
                  "one_pass_max_seconds": float}
+SESSION_FIELDS = {"wait_for_speech": bool, "max_seconds": float}
 PCM_FORMATS = {"s16le": (np.int16, 32768.0), "f32le": (np.float32, 1.0)}
 
 
@@ -48,8 +51,10 @@ class HTTPError(Exception):
         self.status = status
 
 
-def parse_options(text: str | None) -> tuple[GenerationOptions, str]:
-    """The `options` form field (JSON object) -> (options, PCM format)."""
+def parse_options(text: str | None, default_area: int | None = None
+                  ) -> tuple[GenerationOptions, str, SessionOptions]:
+    """The `options` form field (JSON object) -> (generation options, PCM format, session options);
+    without a size, sessions get `default_area` (the server's)."""
     try:
         raw = json.loads(text) if text else {}
     except ValueError as exc:
@@ -60,26 +65,36 @@ def parse_options(text: str | None) -> tuple[GenerationOptions, str]:
     pcm = raw.pop("pcm", "s16le")
     if pcm not in PCM_FORMATS:
         raise HTTPError(400, f"pcm {pcm!r} is not one of {', '.join(PCM_FORMATS)}")
-    kwargs = {}
+    rate = raw.pop("sample_rate", media.SAMPLE_RATE)
+    if rate != media.SAMPLE_RATE or isinstance(rate, bool):
+        raise HTTPError(400, f"sample_rate {rate!r}: speech frames must be {media.SAMPLE_RATE} Hz mono PCM; "
+                             "resample before sending")
+    kwargs, session = {}, {}
+    fields = {**OPTION_FIELDS, **SESSION_FIELDS}
     for key, value in raw.items():
-        if key not in OPTION_FIELDS:
-            raise HTTPError(400, f"unknown option {key!r}; known: {', '.join(sorted(OPTION_FIELDS))}, pcm")
-        kind = OPTION_FIELDS[key]
+        if key not in fields:
+            raise HTTPError(400, f"unknown option {key!r}; known: {', '.join(sorted(fields))}, pcm, sample_rate")
+        kind = fields[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise HTTPError(400, f"option {key} must be a {kind.__name__}")
-        kwargs[key] = value
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise HTTPError(400, f"option {key} must be a {'boolean' if kind is bool else kind.__name__}")
+        (session if key in SESSION_FIELDS else kwargs)[key] = value
     try:
         if "size" in kwargs:
             kwargs["size"] = media.parse_size(kwargs["size"])
+        elif default_area is not None:
+            kwargs["size"] = default_area
         if "audio_window" in kwargs:
             kwargs["audio_window"] = tuple(float(x) for x in kwargs["audio_window"])
         opts = GenerationOptions(**kwargs)
         check_options(opts)
     except (UserError, ValueError, TypeError) as exc:
         raise HTTPError(400, " ".join(str(exc).split())) from None
-    return opts, pcm
+    max_seconds = session.get("max_seconds")
+    if max_seconds is not None and not (0 < max_seconds < float("inf")):
+        raise HTTPError(400, f"option max_seconds {max_seconds} must be a positive number of seconds")
+    return opts, pcm, SessionOptions(**session)
 
 
 def pcm_samples(data: bytes, pcm: str) -> np.ndarray:
@@ -108,7 +123,13 @@ def create_app(engine: LiveEngine, token: str | None = None) -> FastAPI:
     async def user_error(request, exc: UserError):
         return JSONResponse({"error": " ".join(str(exc).split())}, status_code=400)
 
-    @app.exception_handler(422)
+    @app.exception_handler(StarletteHTTPException)
+    async def not_found(request, exc: StarletteHTTPException):
+        messages = {404: f"no route {request.url.path!r}; see docs/serving.md",
+                    405: f"{request.method} is not allowed on {request.url.path!r}"}
+        return JSONResponse({"error": messages.get(exc.status_code, str(exc.detail))}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
     async def unprocessable(request, exc):
         detail = getattr(exc, "errors", lambda: [])()
         what = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', []))}: {e.get('msg')}" for e in detail) or str(exc)
@@ -142,7 +163,8 @@ def create_app(engine: LiveEngine, token: str | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "active": len(engine.active), "queued": len(engine.queue),
-                "max_active": engine.limits.max_active, "preset": engine.pipe.preset.name}
+                "max_active": engine.limits.max_active, "max_area": engine.limits.max_area,
+                "preset": engine.pipe.preset.name}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
@@ -150,7 +172,7 @@ def create_app(engine: LiveEngine, token: str | None = None) -> FastAPI:
 
     @app.post("/sessions", status_code=201)
     async def create(image: UploadFile = File(...), prompt: str = Form(""), options: str = Form("")):  # noqa: B008
-        opts, pcm = parse_options(options)
+        opts, pcm, session_options = parse_options(options, engine.limits.max_area)
         data = await image.read(MAX_IMAGE_BYTES + 1)
         if len(data) > MAX_IMAGE_BYTES:
             raise HTTPError(413, f"the image is larger than {MAX_IMAGE_BYTES // 2**20} MiB; send a smaller one")
@@ -159,7 +181,7 @@ def create_app(engine: LiveEngine, token: str | None = None) -> FastAPI:
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "image")
             Path(path).write_bytes(data)
-            s = await asyncio.to_thread(engine.create, path, prompt, opts)
+            s = await asyncio.to_thread(engine.create, path, prompt, opts, session_options)
         pcm_of[s.id] = pcm
         return {**s.status(), "ws": f"/sessions/{s.id}/ws", "stream": f"/sessions/{s.id}/stream"}
 
@@ -230,8 +252,9 @@ def create_app(engine: LiveEngine, token: str | None = None) -> FastAPI:
         await websocket.accept()
         queue, callback = _subscription()
         s.subscribe(callback)
-        if s.state == "queued":
-            await websocket.send_json({"type": "queued", "position": s.position})
+        position = s.position
+        if position is not None:
+            await websocket.send_json({"type": "queued", "position": position})
 
         async def outgoing():
             while True:
@@ -310,6 +333,7 @@ def prometheus_text(engine: LiveEngine) -> str:
     recent = list(m.block_seconds)
     rate = len(recent) / sum(recent) if recent and sum(recent) > 0 else 0.0
     ttff = m.first_frame_seconds
+    cache_bytes, holders = m.cache_bytes()
     lines = [
         "# HELP liveavatar_sessions Sessions by state.", "# TYPE liveavatar_sessions gauge",
         f'liveavatar_sessions{{state="active"}} {len(engine.active)}',
@@ -325,6 +349,11 @@ def prometheus_text(engine: LiveEngine) -> str:
         f"liveavatar_time_to_first_frame_seconds_count {len(ttff)}",
         f"liveavatar_time_to_first_frame_seconds_sum {sum(ttff):.4f}",
         "# TYPE liveavatar_resident_memory_bytes gauge", f"liveavatar_resident_memory_bytes {_rss()}",
+        "# HELP liveavatar_session_cache_bytes Bytes of session caches (KV rings, sink, decoder state, conditioning)"
+        " still allocated, closed sessions included until freed.",
+        "# TYPE liveavatar_session_cache_bytes gauge", f"liveavatar_session_cache_bytes {cache_bytes}",
+        "# HELP liveavatar_sessions_holding_caches Sessions with cache memory still allocated.",
+        "# TYPE liveavatar_sessions_holding_caches gauge", f"liveavatar_sessions_holding_caches {holders}",
     ]
     try:
         import torch

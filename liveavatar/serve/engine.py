@@ -20,6 +20,7 @@ import collections
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class Limits:
     max_seconds: float = 3600.0  # video a session may generate
     idle_timeout: float = 300.0  # seconds without a client message before a session is closed
     max_lead: float = 1.0  # seconds of video a session may run ahead of real time
+    max_area: int = 704 * 384  # largest video area (width x height) a session may ask for
 
 
 @dataclass
@@ -49,15 +51,82 @@ class Metrics:
     frames: int = 0
     first_frame_seconds: list[float] = field(default_factory=list)  # per session, from creation
     block_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
+    # Weak references to every cache tensor of the sessions started: a tensor counts until it is freed,
+    # so a session whose caches outlive its close (a leak) shows here.
+    caches: dict[str, list[weakref.ref]] = field(default_factory=dict)
+
+    def track(self, sid: str, session) -> None:
+        """Add the tensors `session` holds now (called when it starts and after each block)."""
+        refs = self.caches.setdefault(sid, [])
+        known = {id(t) for t in (r() for r in refs) if t is not None}
+        refs.extend(weakref.ref(t) for t in session_tensors(session) if id(t) not in known)
+
+    def cache_bytes(self) -> tuple[int, int]:
+        """(bytes of session caches still allocated, sessions holding some); drops the freed ones."""
+        total, holders = 0, 0
+        for sid, refs in list(self.caches.items()):
+            alive = [t for t in (r() for r in refs) if t is not None]
+            if not alive:
+                del self.caches[sid]
+                continue
+            holders += 1
+            total += sum(_storage_bytes(alive))
+        return total, holders
+
+
+def _storage_bytes(tensors) -> list[int]:
+    seen, sizes = set(), []
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            sizes.append(storage.nbytes())
+    return sizes
+
+
+def session_tensors(session) -> list[torch.Tensor]:
+    """The tensors a session owns: its denoise stages' caches, its decoder state, its conditioning
+    (found by walking the objects it holds, never into a model's weights)."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack = [(part, 0) for part in (session.denoise, session.decode, session.cond)]
+    while stack:  # a loop, not a recursive closure: a closure would keep `found` alive in a cycle
+        obj, depth = stack.pop()
+        if depth > 6 or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found[id(obj)] = obj
+        elif isinstance(obj, torch.nn.Module):
+            continue  # weights are the server's, not the session's
+        elif isinstance(obj, dict):
+            stack.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend((v, depth + 1) for v in obj)
+        elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("liveavatar."):
+            stack.extend((v, depth + 1) for k, v in vars(obj).items()
+                         if k not in ("pipe", "model", "vae", "dit", "frontend"))
+    return list(found.values())
+
+
+@dataclass
+class SessionOptions:
+    """What a client chooses about its session besides the generation options."""
+    wait_for_speech: bool = False  # no frame before the first speech (the first utterance starts at frame 0)
+    max_seconds: float | None = None  # video this session may make (at most the server's limit)
 
 
 class ServedSession:
     """A client's session as the server sees it; its fields are read by the web layer."""
 
-    def __init__(self, engine: LiveEngine, inputs: Inputs, prompt: str, opts: GenerationOptions):
+    def __init__(self, engine: LiveEngine, inputs: Inputs, prompt: str, opts: GenerationOptions,
+                 options: SessionOptions | None = None):
         self.id = uuid.uuid4().hex
         self.engine, self.inputs, self.prompt, self.opts = engine, inputs, prompt, opts
-        self.state = "queued"  # queued -> active -> closed
+        self.options = options or SessionOptions()
+        self.heard = False  # speech has arrived
+        self.state = "queued"  # queued -> starting (conditioning encoded) -> active -> closed
         self.created = time.monotonic()
         self.last_seen = self.created
         self.started: float | None = None  # when its first frame left
@@ -74,6 +143,11 @@ class ServedSession:
     @property
     def video_seconds(self) -> float:
         return self.frames / 25.0
+
+    @property
+    def max_seconds(self) -> float:
+        mine = self.options.max_seconds
+        return self.engine.limits.max_seconds if mine is None else min(mine, self.engine.limits.max_seconds)
 
     @property
     def position(self) -> int | None:
@@ -99,6 +173,7 @@ class ServedSession:
                 return None
             session = self.session
         if kind == "speech":
+            self.heard = True
             session.push_audio(value)
         elif kind == "end":
             session.end_audio()
@@ -174,13 +249,20 @@ class LiveEngine:
 
     # -- sessions -----------------------------------------------------------------------------------
 
-    def create(self, image: str, prompt: str, opts: GenerationOptions) -> ServedSession:
+    def create(self, image: str, prompt: str, opts: GenerationOptions,
+               options: SessionOptions | None = None) -> ServedSession:
         """Check the inputs (UserError when bad) and queue a session."""
+        if opts.size > self.limits.max_area:
+            raise UserError(f"size area {opts.size} is larger than this server's {self.limits.max_area}; ask for a "
+                            "smaller size")
+        options = options or SessionOptions()
+        if options.max_seconds is not None and not (0 < options.max_seconds < float("inf")):
+            raise UserError(f"max_seconds {options.max_seconds} must be a positive number of seconds")
         inputs = Inputs.load(image, None, opts)
         with self._cond:
             if len(self.queue) >= self.limits.max_queued:
                 raise UserError(f"the server is full ({len(self.queue)} sessions waiting); try again later")
-            s = ServedSession(self, inputs, prompt, opts)
+            s = ServedSession(self, inputs, prompt, opts, options)
             self.sessions[s.id] = s
             self.queue.append(s)
             self.metrics.sessions_created += 1
@@ -262,8 +344,8 @@ class LiveEngine:
         for s in list(self.active) + list(self.queue):
             if now - s.last_seen > self.limits.idle_timeout:
                 self.close(s, f"no message from the client for {self.limits.idle_timeout:g} s")
-            elif s.video_seconds >= self.limits.max_seconds:
-                self.close(s, f"the session reached its {self.limits.max_seconds:g} s limit")
+            elif s.video_seconds >= s.max_seconds:
+                self.close(s, f"the session reached its {s.max_seconds:g} s limit")
         with self._cond:
             closing, self._closing = self._closing, []
         for s, reason in closing:
@@ -275,6 +357,7 @@ class LiveEngine:
                 if len(self.active) >= self.limits.max_active or not self.queue:
                     return
                 s = self.queue.popleft()
+                s.state = "starting"
                 self.active.append(s)
             for q in self.queue:
                 q._send({"type": "queued", "position": self.queue_position(q)})
@@ -286,11 +369,13 @@ class LiveEngine:
                 continue
             s.writer = MP4Writer(self._sink(s), width=s.inputs.width, height=s.inputs.height, fps=self.pipe.preset.fps,
                                  audio=True, sample_rate=media.SAMPLE_RATE)
+            self.metrics.track(s.id, session)
             with s.lock:
                 s.session, s.state = session, "active"
                 pending, s.pending = s.pending, []
             for kind, value in pending:
                 if kind == "speech":
+                    s.heard = True
                     session.push_audio(value)
                 elif kind == "end":
                     session.end_audio()
@@ -309,6 +394,10 @@ class LiveEngine:
         """At most one block of `s`; whether one was made."""
         if s.started is not None and s.video_seconds > time.monotonic() - s.started + self.limits.max_lead:
             return False  # far enough ahead of real time
+        if s.options.wait_for_speech and not s.heard:
+            return False
+        if s.video_seconds >= s.max_seconds:
+            return False  # closed at the next pass
         t0 = time.monotonic()
         try:
             chunk = s.session.step()
@@ -322,14 +411,54 @@ class LiveEngine:
         if s.started is None:
             s.started = time.monotonic() - chunk.frame_start / 25.0
             self.metrics.first_frame_seconds.append(time.monotonic() - s.created)
+        if s.blocks < 4:  # the decoder's state and the rings are complete after the first blocks
+            self.metrics.track(s.id, s.session)
         s.frames += len(chunk.frames)
         s.blocks += 1
         self.metrics.blocks += 1
         self.metrics.frames += len(chunk.frames)
         self.metrics.block_seconds.append(time.monotonic() - t0)
         s._send({"type": "block", "index": chunk.index, "frames": len(chunk.frames), "frame_start": chunk.frame_start,
-                 "speaking": s.session.frontend.speaking})
+                 "speaking": s.session.frontend.block_speaks(chunk.index),
+                 "speech_queued": s.session.frontend.speaking})
         return True
 
 
 __all__ = ["Limits", "LiveEngine", "Metrics", "ServedSession"]
+
+
+PER_SESSION = ("kv.ring_caches", "kv.host_ring_slots", "kv.sink", "vae.stream_state")
+MAX_AUTO_ACTIVE = 8
+
+
+def auto_max_active(pipe, height: int, width: int) -> tuple[int, str]:
+    """How many sessions at `height`x`width` may generate at once on `pipe`'s device, from the memory
+    planner (each active session holds its own step caches, sink and decoder state; the weights and
+    workspaces are shared), and the reason, for the startup line and /health."""
+    from liveavatar.runtime import memory
+
+    steady, setup = memory.components(pipe.preset, pipe.runtime, height, width)
+    per = sum(steady.get(k, 0) for k in PER_SESSION)
+    peak = memory._peak(steady, setup)[0]
+    shared = peak - per
+    if pipe.device.type == "cuda":
+        total = torch.cuda.get_device_properties(pipe.device).total_memory
+        budget = int(total * (1 - memory.FRAGMENTATION)) - memory.CUDA_CONTEXT_BYTES - shared
+        where = f"{total / 2**30:.1f} GiB GPU"
+    else:
+        budget = _available_host_bytes() // 2  # half of what the machine has free now
+        where = "half the free host memory"
+    k = max(1, min(MAX_AUTO_ACTIVE, budget // max(per, 1)))
+    return k, (f"{k} sessions at {width}x{height}: {per / 2**20:.1f} MiB of caches each, "
+               f"{max(budget, 0) / 2**30:.2f} GiB for them ({where} after weights and workspaces); at most "
+               f"{MAX_AUTO_ACTIVE} by default")
+
+
+def _available_host_bytes() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
