@@ -25,7 +25,8 @@ import torch
 from liveavatar import GenerationOptions, Pipeline
 from liveavatar.config import get_preset
 from liveavatar.io import media
-from liveavatar.runtime.memory import GiB, GPUSpec, RuntimeConfig, plan, predict
+from liveavatar.runtime.gpus import default_gpu, from_device
+from liveavatar.runtime.memory import GiB, RuntimeConfig, plan, predict
 
 
 def runtime_for(name: str, preset, height: int, width: int) -> tuple[RuntimeConfig, float | None]:
@@ -35,7 +36,8 @@ def runtime_for(name: str, preset, height: int, width: int) -> tuple[RuntimeConf
     if name == "fp8":
         return RuntimeConfig(fp8=True), None
     if name in ("stream24", "auto24"):
-        p = plan(preset, GPUSpec.guess(24), height, width, allow_fp8=name == "auto24")
+        gpu = from_device().with_memory(24) if torch.cuda.is_available() else default_gpu(24)
+        p = plan(preset, gpu, height, width, allow_fp8=name == "auto24")
         return p.config, 24.0
     raise SystemExit(f"unknown configuration {name!r}; use resident, stream24, fp8 or auto24")
 
@@ -61,7 +63,8 @@ def run(name: str, args, preset, inputs, opts) -> dict:
         times.append(now - t)
         t = now
     steady = times[1:] or times  # the first block includes the sink prefill and warm-up
-    gpu = GPUSpec.guess(cap if cap else (torch.cuda.get_device_properties(0).total_memory / GiB if cuda else 80))
+    gpu = from_device() if cuda else default_gpu(80)
+    gpu = gpu.with_memory(cap) if cap else gpu
     planned = predict(preset, runtime, gpu, inputs.height, inputs.width, opts.infer_frames).gpus[0].peak_bytes
     measured = torch.cuda.max_memory_allocated() if cuda else None
     del session, pipe

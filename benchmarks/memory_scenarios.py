@@ -36,7 +36,6 @@ from liveavatar.runtime.memory import (  # noqa: E402
     CUDA_CONTEXT_BYTES,
     FRAGMENTATION,
     GiB,
-    GPUSpec,
     forward_flops,
     plan,
     vae_decode_workspace_bytes,
@@ -183,17 +182,20 @@ def print_official(scenarios: list[dict]) -> None:
 
 def print_engine(s: dict) -> None:
     print("## This engine on one such GPU (`liveavatar plan --auto`)\n")
+    from liveavatar.runtime.gpus import gpu_named
+
     print("| GPU | --auto picks | peak GiB | usable GiB | estimate s/block (frames/s) | host GiB "
           "| rates assumed |")
     print("|---|---|---:|---:|---:|---:|---|")
-    for size in (24, 48, 80):
-        gpu = GPUSpec.guess(size)
-        rates = f"{gpu.tflops:.0f} bf16 / {gpu.fp8_tflops:.0f} fp8 TFLOP/s, {gpu.link_gbps:.0f} GB/s"
+    for name in ("rtx4090", "l40s", "a100-80gb", "h100-sxm", "h200"):
+        gpu = gpu_named(name)
+        fp8 = f"{gpu.fp8_tflops:g} fp8" if gpu.has_fp8 else "no fp8"
+        rates = f"{gpu.tflops:g} bf16 / {fp8} TFLOP/s, {gpu.mem_gbps:g} GB/s memory, {gpu.link_gbps:g} GB/s host"
         for allow_fp8, tag in ((True, ""), (False, " --no_fp8")):
             p = plan(PRESET, gpu, HEIGHT, WIDTH, FRAMES, allow_fp8=allow_fp8)
             picks = " ".join(p.config.flags()) if p.fits else "nothing fits"
             host = sum(p.host.values())  # the planner's host-memory components
-            print(f"| {size} GiB{tag} | `{picks}` | {gib(p.gpus[0].peak_bytes)} | {gib(p.budget_bytes)} | "
+            print(f"| `--gpu {name}`{tag} | `{picks}` | {gib(p.gpus[0].peak_bytes)} | {gib(p.budget_bytes)} | "
                   f"{p.seconds_per_block:.2f} ({12 / p.seconds_per_block:.1f}) | {gib(host)} | "
                   f"{rates} |")
     layout = SinkLayout(HEIGHT // 8, WIDTH // 8, CFG.zip_frame_buckets)
