@@ -312,10 +312,13 @@ class WanVAE(nn.Module):
         return self.conv2.weight.dtype
 
     def _stats(self, ref: Tensor) -> tuple[Tensor, Tensor]:
-        # latent mean / std as [1, z_dim, 1, 1, 1] float32 tensors on ref's device
-        mean = torch.tensor(self.cfg.latent_mean, dtype=torch.float32, device=ref.device)
-        std = torch.tensor(self.cfg.latent_std, dtype=torch.float32, device=ref.device)
-        return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
+        """Latent mean / std as [1, z_dim, 1, 1, 1] float32 tensors on ref's device, uploaded once per
+        device (not buffers: a cast of the module to bf16 must not round them)."""
+        cache = self.__dict__.setdefault("_stats_cache", {})
+        if ref.device not in cache:
+            stats = torch.tensor([self.cfg.latent_mean, self.cfg.latent_std], dtype=torch.float32)
+            cache[ref.device] = tuple(stats.to(ref.device).view(2, 1, -1, 1, 1, 1).unbind(0))
+        return cache[ref.device]
 
     @torch.no_grad()
     def encode_raw(self, video: Tensor) -> Tensor:
