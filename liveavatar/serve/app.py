@@ -41,6 +41,9 @@ MAX_SPEECH_BYTES = 200 * 2**20
 MAX_PCM_FRAME = 16000 * 60 * 4  # bytes in one WebSocket speech frame (a minute of float32)
 OPTION_FIELDS = {"size": str, "seed": int, "sample_steps": int, "audio_encoding": str, "audio_window": list,
                  "one_pass_max_seconds": float}
+# Live speech is encoded in windows: a block starts once its audio and 1 s of look-ahead are in.
+# (`auto` and `one_pass` wait for the end of each utterance up to 60 s, as a file would be encoded.)
+LIVE_AUDIO_ENCODING = "windowed"
 SESSION_FIELDS = {"wait_for_speech": bool, "max_seconds": float}
 PCM_FORMATS = {"s16le": (np.int16, 32768.0), "f32le": (np.float32, 1.0)}
 
@@ -81,6 +84,7 @@ def parse_options(text: str | None, default_area: int | None = None
             raise HTTPError(400, f"option {key} must be a {'boolean' if kind is bool else kind.__name__}")
         (session if key in SESSION_FIELDS else kwargs)[key] = value
     try:
+        kwargs.setdefault("audio_encoding", LIVE_AUDIO_ENCODING)
         if "size" in kwargs:
             kwargs["size"] = media.parse_size(kwargs["size"])
         elif default_area is not None:

@@ -134,11 +134,12 @@ def _frames_sent(events) -> int:
 
 def test_websocket_stream_equals_generate(server, tmp_path):
     """Speech pushed in 200 ms chunks at real-time pace decodes to the frames and audio of
-    `liveavatar generate` with the same seed."""
+    `liveavatar generate` with the same seed (and the same audio encoding: live sessions encode in
+    windows by default)."""
     ref = tmp_path / "ref.mp4"
     run = subprocess.run([sys.executable, "-m", "liveavatar", "generate", "--preset", "tiny", "--size", SIZE,
-                          "--base_seed", "3", "--save_file", str(ref)], env=ENV, capture_output=True, text=True,
-                         timeout=600)
+                          "--base_seed", "3", "--audio_encoding", "windowed", "--save_file", str(ref)],
+                         env=ENV, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     ref_frames, ref_audio = _decode(ref.read_bytes())
 
