@@ -383,8 +383,9 @@ def _generate(args, preset, job, saved, start: float) -> int:
         raise UserError("the GPU ran out of memory; the table above is the plan for this configuration: "
                         "run `liveavatar plan --auto` with your GPU memory and use the flags it prints") from None
     frames = render.frames
+    first = "-" if render.first_frame is None else f"{render.first_frame:.1f}s"
     print(f"saved {path} ({frames} frames, {frames / preset.fps:.2f}s) in {time.time() - t0:.1f}s "
-          f"(first frame after {render.first_frame:.1f}s); {render.checkpoints.summary()}")
+          f"(first frame after {first}); {render.checkpoints.summary()}")
     return 0
 
 
@@ -410,8 +411,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     results = batch.Results(args.results or Path(args.jobs).with_suffix(".results.jsonl"))
     job_parser = _JobParser(prog="job", add_help=False)
     _add_generate(job_parser.add_subparsers(parser_class=_JobParser))
-    model = {k: getattr(args, k) for k in ("preset", "ckpt_dir", "lora_path_dmd", "device", "fp8", "resident_blocks",
-                                           "kv_on_device", "kv_fp8", "t5_cpu", "offload_model", "gpu_memory")}
+    model = {k: v for k, v in vars(args).items() if k not in ("jobs", "results", "checkpoint_every", "func")}
     device = _device(args)
     runtime = _runtime_from_args(args)
     pipe = None

@@ -72,6 +72,7 @@ def locate(job: Job, resume: bool) -> SavedState | str | None:
     `resume`), or None (from the first block). A state of another job refuses the resume with one
     line naming what changed; a state whose partial video is gone is removed."""
     if not resume:
+        fix_seed(job)
         return None
     usable, refused = [], None
     for path in states_beside(job.save_file):
@@ -173,8 +174,10 @@ class Render:
                     self.blocks += 1
                     if not session.done and self.checkpoints.due(self.blocks,
                                                                  lambda: state_nbytes(session.state_dict())):
-                        self.checkpoints.save(state_path(self.writer.partial_path), job.identity,
-                                              self.writer.checkpoint(), session.state_dict())
+                        failed = self.checkpoints.save(state_path(self.writer.partial_path), job.identity,
+                                                       self.writer.checkpoint(), session.state_dict())
+                        if failed:
+                            bar.write(f"warning: {failed}", file=sys.stderr)
                     bar.set_postfix_str(f"{self.frames} frames, {made / (time.time() - t1):.2f} fps")
                     bar.update(1)
             finally:

@@ -208,9 +208,17 @@ def write_state(path: str | os.PathLike, job: JobIdentity, writer: dict, session
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        # Ctrl-C, SIGTERM or a failed write inside torch.save surfaces as the zip writer's RuntimeError:
+        # raise the cause (stop as asked; a full disk is an OSError).
+        chain, e = [], exc
+        while e is not None and len(chain) < 16:
+            chain.append(e)
+            e = e.__context__
+        cause = next((e for e in chain if not isinstance(e, Exception)), None) or \
+            next((e for e in chain if isinstance(e, OSError)), exc)
+        raise cause from None
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself is durable
@@ -260,12 +268,22 @@ class Checkpointer:
             cost = state_bytes() / ASSUMED_WRITE_BYTES_PER_S
         return self.seconds + cost <= self.budget * (time.perf_counter() - self.t0)
 
-    def save(self, path, job: JobIdentity, writer: dict, session: dict) -> None:
+    def save(self, path, job: JobIdentity, writer: dict, session: dict) -> str | None:
+        """Write the state; a write that fails (a full disk, a removed folder) stops checkpointing and
+        returns why in one line (the previous state stays valid; the render itself may go on)."""
         t = time.perf_counter()
-        self.bytes = write_state(path, job, writer, session)
+        try:
+            self.bytes = write_state(path, job, writer, session)
+        except OSError as e:
+            from liveavatar.io.output import is_disk_full
+
+            self.every = 0
+            why = "the disk is full" if is_disk_full(e) else (e.strerror or str(e))
+            return f"could not save the checkpoint {str(path)!r} ({why}); the render goes on without checkpoints"
         self.last_seconds = time.perf_counter() - t
         self.seconds += self.last_seconds
         self.count += 1
+        return None
 
     def summary(self) -> str:
         if not self.count:

@@ -179,7 +179,8 @@ def test_killed_at_random_points_resumes_to_the_frames_and_audio_of_an_uninterru
     ({"audio": "other.wav"}, "the audio"),
     (["--base_seed", "7"], "--base_seed is 7 but the saved render used 42"),
     (["--num_clip", "1"], "--num_clip is 1 but the saved render used None"),
-], ids=["image", "audio", "seed", "num_clip"])
+    (["--base_seed", "-1", "--num_clip", "1"], "--num_clip is 1"),  # a random seed matches the saved one
+], ids=["image", "audio", "seed", "num_clip", "random-seed"])
 def test_a_resume_with_changed_inputs_or_arguments_is_refused(inputs, killed, tmp_path, capsys, change, needle):
     d = tmp_path / "job"
     shutil.copytree(killed[0], d)
