@@ -46,7 +46,7 @@ def in_process(size: str, blocks: int, threads: int) -> tuple[float, float]:
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
     pipe = Pipeline.tiny()
-    opts = GenerationOptions(size=media.parse_size(size), seed=1)
+    opts = GenerationOptions(size=media.parse_size(size), seed=1, audio_encoding="windowed")  # as the server
     wave = media.load_audio(media.example_audio_path())
     t0 = time.monotonic()
     inputs = Inputs.load(media.example_image_path(), None, opts)

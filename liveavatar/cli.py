@@ -831,6 +831,46 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from liveavatar.config import get_preset
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserError("the app needs Gradio: pip install 'liveavatar[ui]'") from None
+    preset = get_preset(args.preset)
+    if preset.name != "tiny" and not args.ckpt_dir:
+        raise UserError(f"no model weights given (--ckpt_dir); {WEIGHTS_HELP}")
+    _in_range("--port", args.port, 1, 65535)
+    _check_device(args.device)
+    import torch
+
+    from liveavatar.engine.pipeline import Pipeline
+    from liveavatar.serve.ui import launch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = _runtime_from_args(args)
+    if args.ckpt_dir is None:
+        pipe = Pipeline.tiny(device=device, runtime=runtime)
+    else:
+        pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
+                                        dtype=getattr(torch, preset.dtype), runtime=runtime)
+    launch(pipe, args.host, args.port, "s2v-14b")
+    return 0
+
+
+def _add_ui(sub) -> None:
+    p = sub.add_parser("ui", help="a Gradio app: image, speech or microphone, prompt; the video plays as it is made")
+    p.add_argument("--preset", default="s2v-14b", choices=sorted(PRESETS))
+    p.add_argument("--ckpt_dir", default=None, help="the Wan2.2-S2V-14B folder")
+    p.add_argument("--lora_path_dmd", "--lora_path", dest="lora_path_dmd", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    _add_runtime_flags(p)
+    p.set_defaults(func=_cmd_ui)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="liveavatar", description="Live Avatar: streaming avatar video")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -838,6 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch(sub)
     _add_plan(sub)
     _add_serve(sub)
+    _add_ui(sub)
 
     p = sub.add_parser("check-ckpt", help="verify checkpoint files from their headers (no weights read)")
     p.add_argument("--ckpt_dir", required=True, help="the Wan2.2-S2V-14B folder")
