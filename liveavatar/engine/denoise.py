@@ -132,8 +132,11 @@ class DenoiseStage:
 
     def _set_text(self, text: torch.Tensor) -> None:
         self.text = text.to(self.device)
+        # Blocks whose weights arrive per block (streamed, or gathered from shards, by pre-forward hooks)
+        # compute their text K/V inside their forward; resident ones once per session, here.
+        streamed = any(block._forward_pre_hooks for block in self.dit.blocks[1:])
         with torch.no_grad():
-            self.text_kv = self.dit.text_kv(self.text)
+            self.text_kv = self.text if streamed else self.dit.text_kv(self.text)
 
     def refresh(self, ref_latent: torch.Tensor) -> None:
         """The sink (re-)prefill with `ref_latent` [1, C, 1, h, w] as the reference (the sink refresh

@@ -123,7 +123,8 @@ class Block(nn.Module):
 
     def forward(self, x, e0, text_kv, cache, frames: int, skip_tail: bool = False):
         """x: [B, L, D]; e0: [B, G, 6, D] fp32 (one modulation row per group of L/G tokens);
-        text_kv: this block's `cross_attn.context_kv` of the text; cache: the layer's `LayerKV` (`rope`
+        text_kv: this block's `cross_attn.context_kv` of the text (or the text [B, 512, D]: computed here,
+        where weights streamed or gathered per block are in place); cache: the layer's `LayerKV` (`rope`
         tables of the L tokens, `kv(k, k_roped, v)`, `mask`). Returns [B, L, D] in x.dtype."""
         dtype = x.dtype
         b, seq, dim = x.shape
@@ -144,6 +145,8 @@ class Block(nn.Module):
         hn = xr.to(torch.bfloat16).float() if self.bf16_norm3 else xr
         hn = F.layer_norm(hn, (dim,), self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
         hn = (hn.to(torch.bfloat16) if self.bf16_norm3 else hn).to(dtype)
+        if isinstance(text_kv, torch.Tensor):
+            text_kv = self.cross_attn.context_kv(text_kv)
         xr = xr + self.cross_attn.cross(hn, text_kv).float()
         h = modulate(layer_norm(xr, self.eps), mod[3], mod[4]).to(dtype)
         xr = xr + gate(self.ffn(h), mod[5])
@@ -358,9 +361,9 @@ class CausalS2VDiT(nn.Module):
         b = x.shape[0]
         _, e0 = self.time_modulation(x.new_zeros(b, cfg.frames_per_block, dtype=torch.float32))
         e0 = e0[1, :, :1]  # sink tokens use the t = 0 row of frame 0: [B, 1, 6, D]
-        text_kv = self.text_kv(text) if isinstance(text, torch.Tensor) else text
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, text_kv[i], ctx.layer(i), frames=1, skip_tail=i == len(self.blocks) - 1)
+            text_kv = text if isinstance(text, torch.Tensor) else text[i]
+            x = block(x, e0, text_kv, ctx.layer(i), frames=1, skip_tail=i == len(self.blocks) - 1)
             ctx.done(i)
         ctx.finish()
 
@@ -383,10 +386,9 @@ class CausalS2VDiT(nn.Module):
         x = x + self.cond_encoder.bias.to(dtype) + self.trainable_cond_mask.weight[0].to(dtype)
 
         e, e0 = t if isinstance(t, tuple) else self.block_time(t, b, f)  # [B, F, D], [B, F, 6, D]
-        text_kv = self.text_kv(text) if isinstance(text, torch.Tensor) else text
-
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, text_kv[i], ctx.layer(i), frames=f)
+            text_kv = text if isinstance(text, torch.Tensor) else text[i]
+            x = block(x, e0, text_kv, ctx.layer(i), frames=f)
             ctx.done(i)
             if i in self.inject_index:
                 x = self._inject_audio(i, x, a_glob, a_loc)
