@@ -467,3 +467,14 @@ def test_page_plays_a_live_session_in_chromium(server, tmp_path):
     finally:
         browser.kill()
         browser.wait()
+
+
+def test_the_documented_client_example_runs(server, tmp_path):
+    out = tmp_path / "live.mp4"
+    run = subprocess.run([sys.executable, str(Path(__file__).parents[2] / "examples" / "live_client.py"),
+                          "--server", server.base, "--image", str(media.example_image_path()),
+                          "--speech", str(media.example_audio_path()), "--out", str(out), "--seconds_after", "0.5"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    frames, audio = _decode(out.read_bytes())
+    assert len(frames) >= 4.2 * 25 and len(audio) > 4 * media.SAMPLE_RATE
