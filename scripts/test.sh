@@ -10,4 +10,4 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
         apt-get install -y -qq chromium >/dev/null 2>&1; }) || echo "note: chromium not installed; the page test is skipped"
 fi
 python3 -m ruff check liveavatar tests benchmarks scripts examples
-python3 -m pytest tests -p no:cacheprovider
+python3 -m pytest tests -p no:cacheprovider --durations=25
