@@ -35,7 +35,7 @@ JOB_KEYS = {
 }
 REQUIRED = ("image", "audio", "save_file")
 MODEL_KEYS = ("preset", "ckpt_dir", "lora_path_dmd", "lora_path", "device", "fp8", "resident_blocks", "kv_on_device",
-              "kv_fp8", "t5_cpu", "offload_model", "offload_kv_cache", "gpu_memory", "attention")
+              "kv_fp8", "kv_sink", "t5_cpu", "offload_model", "offload_kv_cache", "gpu_memory", "attention")
 
 
 @dataclass

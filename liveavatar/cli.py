@@ -103,9 +103,11 @@ def _default_save_file(args: argparse.Namespace) -> str:
 
 
 def _check_fits(args, preset, runtime, device: str, height: int, width: int, infer_frames: int,
-                steps: int) -> str | None:
+                steps: int):
     """Refuse, before any weight is loaded, a configuration the planner says will not fit the GPU
-    (on CUDA, or anywhere when --gpu_memory is given). Caps the CUDA allocator at --gpu_memory."""
+    (on CUDA, or anywhere when --gpu_memory is given). Caps the CUDA allocator at --gpu_memory.
+    Returns (the plan's table or None, the runtime with --kv_sink auto decided: per_ring where it
+    fits or nothing is planned, else shared where that fits)."""
     import torch
 
     from liveavatar.runtime.gpus import default_gpu, from_device
@@ -115,12 +117,14 @@ def _check_fits(args, preset, runtime, device: str, height: int, width: int, inf
     if device.startswith("cuda"):
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     if args.gpu_memory is None and total is None:
-        return None
+        return None, runtime
     cap = args.gpu_memory * GiB if args.gpu_memory else total
     if total is not None and args.gpu_memory:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(device))
     gpu = (from_device(torch.device(device)) if total is not None else default_gpu(cap / GiB)).with_memory(cap / GiB)
-    p = predict(preset, runtime, gpu, height, width, infer_frames, steps)
+    p = predict(preset, runtime, gpu, height, width, infer_frames, steps)  # --kv_sink auto: decided here
+    if p.config != runtime:
+        print(p.note, file=sys.stderr)
     table = format_plan(p, gpu)
     if not p.fits:
         print(table, file=sys.stderr)
@@ -128,7 +132,7 @@ def _check_fits(args, preset, runtime, device: str, height: int, width: int, inf
         fix = ("use: " + " ".join(best.config.flags())) if best.fits else (best.note or "use a smaller --size")
         raise UserError(f"this configuration needs {p.gpus[0].peak_bytes / GiB:.1f} GiB but the GPU budget is "
                         f"{p.budget_bytes / GiB:.1f} GiB (table above); {fix}")
-    return table
+    return table, p.config
 
 
 class Terminated(BaseException):
@@ -361,9 +365,8 @@ def _generate(args, preset, job, saved, start: float) -> int:
     from liveavatar.render import Render
 
     device = _device(args)
-    runtime = _runtime_from_args(args)
-    table = _check_fits(args, preset, runtime, device, job.inputs.height, job.inputs.width, job.opts.infer_frames,
-                        job.opts.sample_steps)
+    table, runtime = _check_fits(args, preset, _runtime_from_args(args), device, job.inputs.height,
+                                 job.inputs.width, job.opts.infer_frames, job.opts.sample_steps)
     t0 = time.time()
     render = None
     try:
@@ -429,11 +432,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     def render(job, saved, desc):
         nonlocal pipe
-        _check_fits(args, preset, runtime, device, job.inputs.height, job.inputs.width, job.opts.infer_frames,
-                    job.opts.sample_steps)
+        _, job_runtime = _check_fits(args, preset, runtime, device, job.inputs.height, job.inputs.width,
+                                     job.opts.infer_frames, job.opts.sample_steps)
         if pipe is None:
             print(f"loading {preset.name} on {device}", file=sys.stderr, flush=True)
-            pipe = _load_pipeline(args, preset, device, runtime)
+            pipe = _load_pipeline(args, preset, device, job_runtime)
+        pipe.runtime = job_runtime  # --kv_sink auto may differ by size; it only shapes the session's caches
         r = Render(pipe, job, saved, desc=desc)
         r.run()
         return r
@@ -483,7 +487,7 @@ def _runtime_from_args(args: argparse.Namespace):
         kv = 0
     return RuntimeConfig(fp8=args.fp8, resident_blocks=args.resident_blocks, kv_on_device=kv,
                          kv_fp8=args.kv_fp8, t5_cpu=args.t5_cpu, offload_model=args.offload_model,
-                         attention=args.attention)
+                         attention=args.attention, kv_sink=args.kv_sink)
 
 
 def _gpus(args: argparse.Namespace) -> tuple[int, float | None]:
@@ -629,6 +633,11 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv_on_device", type=int, default=None,
                    help="denoising-step KV caches kept on the GPU (the rest in host memory, staged per layer)")
     p.add_argument("--kv_fp8", action="store_true", help="store the KV caches kept on the GPU in FP8 e4m3")
+    p.add_argument("--kv_sink", default="auto", choices=["auto", "per_ring", "shared"],
+                   help="the sink tokens of the KV caches kept on the GPU (bf16): per_ring (a copy after each "
+                        "cache, attended in place), shared (stored once; each layer's cache and the sink copied "
+                        "into one staging buffer per forward: 2.16 GB less a cache at 704x384, a little slower), "
+                        "auto (the memory planner's choice where the GPU is known, else per_ring)")
     p.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
     p.add_argument("--offload_model", type=_str2bool, nargs="?", const=True, default=True,
                    help="keep the text and audio encoders in host memory between uses (default true)")

@@ -27,7 +27,7 @@ from liveavatar.distributed.layout import ParallelLayout, Role
 from liveavatar.distributed.sharding import sharded_nbytes
 from liveavatar.models.layout import SinkLayout
 from liveavatar.runtime import memory as m
-from liveavatar.runtime.kv_cache import FP8RingKVCache, HostRingKVCache, RingKVCache, SinkCache
+from liveavatar.runtime.kv_cache import HostRingKVCache, SinkCache
 
 
 @dataclass
@@ -131,12 +131,12 @@ def rank_components(preset: Preset, cfg: m.RuntimeConfig, layout: ParallelLayout
                        "dit.stream_slots": min(2, len(rest)) * max(rest, default=0)}
         n_dev = layout.steps if cfg.kv_on_device is None else cfg.kv_on_device
         on_dev = sum(1 for i in role.steps if i < n_dev)
-        ring = (FP8RingKVCache if cfg.kv_fp8 else RingKVCache).bytes_for(preset.dit, tokens.fs, m.BF16, heads=heads,
-                                                                          sink_tokens=tokens.num_tokens)
+        ring, staging = m.ring_bytes(preset, cfg, tokens, heads=heads)
         dequant = 2 * preset.dit.ring_frames * tokens.fs * preset.dit.dim * 6 // layout.ulysses if (
             cfg.kv_fp8 and on_dev) else 0
         steady |= {
             "kv.ring_caches": on_dev * ring,
+            "kv.staging": staging if on_dev else 0,
             "kv.host_ring_slots": (len(role.steps) - on_dev) * HostRingKVCache.device_bytes_for(
                 preset.dit, tokens.fs, m.BF16, heads=heads, sink_tokens=tokens.num_tokens),
             "kv.sink": SinkCache.bytes_for(preset.dit, tokens, m.BF16, heads=heads),

@@ -1,12 +1,13 @@
 """The denoise stage: one or more consecutive denoising steps of every block, with their caches.
 
 A `DenoiseStage` owns steps [first, first + count) of the sampler: one ring KV cache per step (on the
-device, in FP8 or in host memory, as the runtime configuration places step i) and its own copy of the
-sink cache. It takes a block's latents in and gives them back after its steps; the single-process
-engine chains stages one after another, a pipeline puts each on its own device or process. Its
-inputs besides the latents are the block task (frame start, audio features, rolling-sink distances)
-and the conditioning (text context; reference and motion latents for the sink prefill), and the sink
-refresh arrives as an explicit event (`refresh`).
+device with or without its copy of the sink tokens, in FP8 or in host memory, as the runtime
+configuration places step i), its own copy of the sink cache and, for staged device rings, one
+layer's staging buffer shared by them. It takes a block's latents in and gives them back after its
+steps; the single-process engine chains stages one after another, a pipeline puts each on its own
+device or process. Its inputs besides the latents are the block task (frame start, audio features,
+rolling-sink distances) and the conditioning (text context; reference and motion latents for the
+sink prefill), and the sink refresh arrives as an explicit event (`refresh`).
 
 The orchestration the model does not do lives here: ring slots and active lengths, the RoPE tables
 of the block's tokens and of the rolled sink of every step (computed in host memory, uploaded in one
@@ -31,13 +32,13 @@ from liveavatar.runtime.compile import is_compiled
 from liveavatar.runtime.device import to_device
 from liveavatar.runtime.kv_cache import (
     BlockAttention,
-    FP8RingKVCache,
     HostRingKVCache,
     RingKVCache,
     SinkCache,
     SinkPrefill,
+    StagedRingKVCache,
 )
-from liveavatar.runtime.memory import RuntimeConfig
+from liveavatar.runtime.memory import RuntimeConfig, ring_class
 
 
 def ring_position(ring: RingKVCache, frame_start: int, frames: int) -> tuple[int, int]:
@@ -112,13 +113,15 @@ class DenoiseStage:
         runtime = runtime or RuntimeConfig()
         n_dev = len(schedule) if runtime.kv_on_device is None else runtime.kv_on_device
         self.rings = {}
-        staging = None  # the FP8 rings of a stage share one layer's staging buffers
+        staging = None  # the staged device rings of a stage (FP8, shared sink) share one layer's staging buffers
+        resident = ring_class(runtime)  # the planner's class for the rings on the device
         for i in self.steps:
-            kind = (FP8RingKVCache if runtime.kv_fp8 else RingKVCache) if i < n_dev else HostRingKVCache
-            extra = {"staging": staging} if kind is FP8RingKVCache else {}
+            kind = resident if i < n_dev else HostRingKVCache
+            extra = {"staging": staging} if issubclass(kind, StagedRingKVCache) else {}
             self.rings[i] = kind.allocate(self.cfg, layout.fs, dtype, self.device, heads=heads,
                                           sink_tokens=layout.num_tokens, **extra)
             staging = getattr(self.rings[i], "staging", staging)
+        self.staging = staging
         self.sink = SinkCache.allocate(self.cfg, layout, dtype, self.device, heads=heads)
         self.timesteps = torch.tensor(schedule.timesteps, dtype=torch.float32, device=self.device)
         self.times: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # (step, B, F) -> block_time
@@ -185,7 +188,8 @@ class DenoiseStage:
 
     @property
     def device_nbytes(self) -> int:
-        return self.sink.nbytes + sum(r.device_nbytes for r in self.rings.values())
+        staging = 0 if self.staging is None else sum(t.nbytes for t in self.staging)
+        return self.sink.nbytes + sum(r.device_nbytes for r in self.rings.values()) + staging
 
     def close(self) -> None:
         """Free every cache now (host-staged caches wait for their copies in flight first)."""
@@ -193,6 +197,7 @@ class DenoiseStage:
             ring.close()
         self.sink.close()
         self.rings, self.text, self.text_kv, self.motion_latents = {}, None, None, None
+        self.staging = None
         self.times = {}
 
 

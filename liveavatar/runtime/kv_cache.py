@@ -3,12 +3,14 @@
 `RingKVCache`: one per denoising step. Per layer it holds one contiguous key buffer and one value
 buffer of `ring_frames` latent frames of roped tokens (the current block plus the previous ones),
 written block-slot-wise at slot = (F0 mod ring_frames)·fs, **followed by the sink tokens**: the
-sink keys re-roped for the current forward (written once per forward for all layers at once) and
+sink keys re-roped for the current forward (written once per forward, layer by layer) and
 the sink values (copied once per sink prefill). Attention reads one buffer per layer, never a
 concatenation. Step i's cache is only ever read and written by step i's forwards ("timestep
 forcing"), so each cache can live on its own device or in host memory (`HostRingKVCache`, staged
 one layer at a time) or in FP8 (`FP8RingKVCache`); those two keep the ring part only and fill the
-sink part of a device staging buffer per layer.
+sink part of a device staging buffer per layer. `StagedRingKVCache` does the same for a resident
+ring in the compute dtype (`--kv_sink shared`): the sink tokens are stored once (the sink cache) and
+copied with the ring into one layer's staging buffer per forward, instead of once in every ring.
 
 `SinkCache`: the reference-image + FramePack motion tokens, computed once by the t = 0 prefill and
 stored per layer **before** RoPE (keys are re-roped on every call with the rolling reference
@@ -58,10 +60,9 @@ def _zeros_kv(shape: tuple[int, ...], dtype: torch.dtype, device) -> tuple[torch
     return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _roped_sink_keys(sink: SinkCache, rope: tuple[torch.Tensor, torch.Tensor], layer: int | None = None):
-    """The sink keys of one layer ([B, Ls, N, d]) or of all ([L, B, Ls, N, d]) rotated by `rope`."""
-    k = sink.k if layer is None else sink.k[layer].unsqueeze(0)
-    return apply_rope(k.flatten(0, 1), *rope).view(k.shape if layer is None else k.shape[1:])
+def _roped_sink_keys(sink: SinkCache, rope: tuple[torch.Tensor, torch.Tensor], layer: int) -> torch.Tensor:
+    """The sink keys of one layer, [B, Ls, N, d], rotated by `rope`."""
+    return apply_rope(sink.k[layer], *rope)
 
 
 class LayerKV:
@@ -107,6 +108,20 @@ class FP8LayerKV(LayerKV):
             dst.view(torch.uint8).index_copy_(1, self.index, q.view(torch.uint8))
             scale.index_copy_(1, self.index, s)
             buf.index_copy_(1, self.index, (q.float() * s).to(buf.dtype))
+
+
+class StagedLayerKV(LayerKV):
+    """A `LayerKV` over a device staging buffer: the block's keys and values go into the staging
+    buffers (attended to) and into the ring's own storage `ring_kv` (layer's k, v [B, ring_len, N, d])."""
+
+    def __init__(self, k, v, index, rope, ring_len, mask, active, ring_kv):
+        super().__init__(k, v, index, rope, ring_len, mask, active)
+        self.ring_kv = ring_kv
+
+    def store(self, k, v):
+        super().store(k, v)
+        self.ring_kv[0].index_copy_(1, self.index, k)
+        self.ring_kv[1].index_copy_(1, self.index, v)
 
 
 class RingKVCache:
@@ -177,11 +192,13 @@ class RingKVCache:
         return self._mask[active]
 
     def set_sink(self, sink: SinkCache, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Before a forward: the sink keys re-roped with `rope` (all layers in one pass) and, when the
-        sink changed since, its values."""
+        """Before a forward: the sink keys re-roped with `rope` and, when the sink changed since, its
+        values. Layer by layer: the rotation's float32 copies of all 40 layers' sink keys would be
+        several GB at 704x384 (one layer's are in the block workspace the planner counts)."""
         if self.sink_tokens != sink.layout.num_tokens:
             raise ValueError(f"this ring holds {self.sink_tokens} sink tokens, the sink has {sink.layout.num_tokens}")
-        self.buf_k[:, :, self.ring_len:] = _roped_sink_keys(sink, rope)
+        for i in range(self.buf_k.shape[0]):
+            self.buf_k[i, :, self.ring_len:] = _roped_sink_keys(sink, rope, i)
         if self.sink_stamp != sink.stamp:
             self.buf_v[:, :, self.ring_len:] = sink.v
             self.sink_stamp = sink.stamp
@@ -255,7 +272,64 @@ class _StagedRing(RingKVCache):
         return self.k.nbytes + self.v.nbytes
 
 
-class FP8RingKVCache(_StagedRing):
+class StagedRingKVCache(_StagedRing):
+    """A device-resident ring of the ring tokens only, k, v [num_layers, B, ring_frames·fs, N, d] in
+    the compute dtype, attended through a staging buffer of one layer (ring + sink tokens, shared by
+    the rings of a stage): per layer the ring part is copied in and the sink part filled from the sink
+    cache. The sink is stored once instead of in every ring, for a copy of ring + sink per layer and
+    forward (`--kv_sink shared`). The block's keys and values go into the staging buffer and the
+    ring. Same results as a `RingKVCache` holding the sink tokens."""
+
+    def __init__(self, k, v, fs: int, ring_frames: int, sink_tokens: int = 0,
+                 staging: tuple[torch.Tensor, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
+        super().__init__(k, v, fs, ring_frames, sink_tokens)
+        self.dtype = dtype or k.dtype
+        shape = self.staging_shape(k.shape[1], self.ring_len, sink_tokens, k.shape[3], k.shape[4])
+        self.staging = staging or _zeros_kv(shape, self.dtype, k.device)
+        if tuple(self.staging[0].shape) != shape:
+            raise ValueError(f"a staging buffer of shape {tuple(self.staging[0].shape)} given for a ring that "
+                             f"needs {shape}")
+
+    @staticmethod
+    def staging_shape(batch: int, ring_len: int, sink_tokens: int, heads: int, head_dim: int) -> tuple[int, ...]:
+        return (batch, ring_len + sink_tokens, heads, head_dim)
+
+    @classmethod
+    def bytes_for(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, batch: int = 1, heads: int | None = None,
+                  sink_tokens: int = 0) -> int:
+        """The ring's storage, without the sink tokens (the staging buffer: `staging_bytes_for`)."""
+        return _kv_bytes(cls.shape_for(cfg, fs, batch, heads), dtype)
+
+    @classmethod
+    def staging_bytes_for(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, batch: int = 1,
+                          heads: int | None = None, sink_tokens: int = 0) -> int:
+        """The staging buffers' bytes (K and V of one layer, ring + sink tokens): one per stage."""
+        shape = cls.staging_shape(batch, cfg.ring_frames * fs, sink_tokens, heads or cfg.num_heads, cfg.head_dim)
+        return _kv_bytes(shape, dtype)
+
+    @classmethod
+    def allocate(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype, device="cpu", batch: int = 1,
+                 heads: int | None = None, sink_tokens: int = 0, staging=None):
+        k, v = _zeros_kv(cls.shape_for(cfg, fs, batch, heads), dtype, device)
+        return cls(k, v, fs, cfg.ring_frames, sink_tokens, staging)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's ring (in the compute dtype) in the staging buffers, with the sink after it."""
+        k, v = self.staging
+        r = self.ring_len
+        k[:, :r], v[:, :r] = self.read(i, r)
+        self._fill_sink(i, k, v)
+        return k, v
+
+    def layer_kv(self, i: int, index, rope, mask, active) -> LayerKV:
+        return StagedLayerKV(*self.layer(i), index, rope, self.ring_len, mask, active, (self.k[i], self.v[i]))
+
+    def close(self) -> None:
+        super().close()
+        self.staging = None
+
+
+class FP8RingKVCache(StagedRingKVCache):
     """A device-resident ring cache stored in float8 e4m3 with one fp32 scale per token and head
     (amax over the head dimension / 448): about half the bytes of bf16. Layer i is dequantised into a
     staging buffer (ring + sink tokens, the compute dtype; shared by the rings of a stage) when the
@@ -264,10 +338,8 @@ class FP8RingKVCache(_StagedRing):
 
     def __init__(self, k, v, k_scale, v_scale, fs: int, ring_frames: int, dtype: torch.dtype,
                  sink_tokens: int = 0, staging: tuple[torch.Tensor, torch.Tensor] | None = None):
-        super().__init__(k, v, fs, ring_frames, sink_tokens)
-        self.k_scale, self.v_scale, self.dtype = k_scale, v_scale, dtype
-        shape = (k.shape[1], self.ring_len + sink_tokens, *k.shape[3:])
-        self.staging = staging or _zeros_kv(shape, dtype, k.device)
+        super().__init__(k, v, fs, ring_frames, sink_tokens, staging, dtype)
+        self.k_scale, self.v_scale = k_scale, v_scale
 
     @classmethod
     def bytes_for(cls, cfg: DiTConfig, fs: int, dtype: torch.dtype = torch.bfloat16, batch: int = 1,
@@ -287,14 +359,6 @@ class FP8RingKVCache(_StagedRing):
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.k_scale.nbytes + self.v_scale.nbytes
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i dequantised into the staging buffers, with the sink after the ring."""
-        k, v = self.staging
-        r = self.ring_len
-        k[:, :r], v[:, :r] = self.read(i, r)
-        self._fill_sink(i, k, v)
-        return k, v
 
     def layer_kv(self, i: int, index, rope, mask, active) -> LayerKV:
         quantized = (self.k[i], self.v[i], self.k_scale[i], self.v_scale[i])
@@ -321,7 +385,7 @@ class FP8RingKVCache(_StagedRing):
 
     def close(self) -> None:
         super().close()
-        self.k_scale = self.v_scale = self.staging = None
+        self.k_scale = self.v_scale = None
 
 
 class HostRingKVCache(_StagedRing):
@@ -542,7 +606,7 @@ class BlockAttention:
 
     Writes the block's roped keys and values into `ring` at ring tokens [slot, slot + tokens) and
     attends, per layer, to the ring tokens [0, active) and the sink keys re-roped with `sink_rope`
-    (the rolled reference position; written into the ring's buffers once, here, for all layers) and
+    (the rolled reference position; written into the ring's buffers once, here, for every layer) and
     the sink values. `rope`: cos/sin [tokens, d/2] of the block's tokens; all tables on the compute
     device. `static`: the same tensor shapes at every slot (a key mask while the ring fills), for a
     compiled block."""

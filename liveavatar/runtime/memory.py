@@ -9,6 +9,10 @@ workspaces are derived from shapes (`block_workspace_bytes`, `vae_decode_workspa
 largest set of tensors alive at once in one block forward / one latent decode of this
 implementation. They have not been measured on a GPU yet (docs/memory.md says so).
 
+The sink tokens of the bf16 rings on the GPU cost memory or traffic (`RuntimeConfig.kv_sink`): a copy
+after each ring (`per_ring`), or stored once and staged per layer with the ring (`shared`: smaller
+rings plus one staging buffer, and the copies in the speed model); `plan()` weighs both.
+
 `plan()` enumerates the runtime configurations this engine can run on one GPU, predicts each one's
 peak and time per block (`liveavatar.runtime.speed`: the counted work of a forward at the rates of the
 GPU, `liveavatar.runtime.gpus`), and returns the fastest that fits, with the exact `generate` flags.
@@ -17,20 +21,21 @@ GPU, `liveavatar.runtime.gpus`), and returns the fastest that fits, with the exa
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from liveavatar.config import Preset
 from liveavatar.models.layout import SinkLayout
 from liveavatar.runtime.gpus import GPUSpec
-from liveavatar.runtime.kv_cache import FP8RingKVCache, HostRingKVCache, RingKVCache, SinkCache
+from liveavatar.runtime.kv_cache import FP8RingKVCache, HostRingKVCache, RingKVCache, SinkCache, StagedRingKVCache
 
 GiB = 2**30
 GB = 10**9
 BF16 = torch.bfloat16
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside the caching allocator
 FRAGMENTATION = 0.05  # share of the budget kept free for allocator fragmentation
+KV_SINK_MODES = ("auto", "per_ring", "shared")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,19 @@ class RuntimeConfig:
     t5_cpu: bool = False  # --t5_cpu: text encoder runs on the CPU
     offload_model: bool = True  # --offload_model: encoders live in host memory, on the GPU only while running
     attention: str = "auto"  # --attention: the SDPA kernel (liveavatar.runtime.attention)
+    # --kv_sink: where resident bf16 rings keep the sink tokens: per_ring (a copy after each ring: no copy
+    # per layer), shared (stored once, staged per layer with the ring), auto (the planner's choice where
+    # `generate` plans for a GPU, else per_ring)
+    kv_sink: str = "auto"
+
+    def __post_init__(self):
+        if self.kv_sink not in KV_SINK_MODES:
+            raise ValueError(f"kv_sink {self.kv_sink!r} is not one of {', '.join(KV_SINK_MODES)}")
+
+    @property
+    def sink_shared(self) -> bool:
+        """Whether the rings kept on the GPU in the compute dtype are staged with a shared sink."""
+        return self.kv_sink == "shared"
 
     def flags(self) -> list[str]:
         out = []
@@ -60,6 +78,8 @@ class RuntimeConfig:
         out += ["--offload_model", "true" if self.offload_model else "false"]
         if self.attention != "auto":
             out += ["--attention", self.attention]
+        if self.sink_shared:  # per_ring is what auto gives wherever per_ring fits
+            out += ["--kv_sink", "shared"]
         return out
 
 
@@ -219,6 +239,23 @@ def audio_window_workspace_bytes(preset: Preset, span_seconds: float = 7.0) -> i
     return 2 * (states + layer)
 
 
+def ring_class(cfg: RuntimeConfig):
+    """The class of the ring caches `cfg` keeps on the GPU (what `DenoiseStage` allocates)."""
+    return FP8RingKVCache if cfg.kv_fp8 else StagedRingKVCache if cfg.sink_shared else RingKVCache
+
+
+def ring_bytes(preset: Preset, cfg: RuntimeConfig, layout: SinkLayout, heads: int | None = None) -> tuple[int, int]:
+    """(bytes of one ring kept on the GPU, bytes of the staging buffer its stage shares, 0 if none).
+    A `RingKVCache` holds the sink tokens after the ring in each layer's buffer; FP8 and shared-sink
+    rings hold the ring tokens only and attend through one layer's staging buffer of ring + sink."""
+    kind = ring_class(cfg)
+    ring = kind.bytes_for(preset.dit, layout.fs, BF16, heads=heads, sink_tokens=layout.num_tokens)
+    staged = issubclass(kind, StagedRingKVCache)
+    staging = kind.staging_bytes_for(preset.dit, layout.fs, BF16, heads=heads, sink_tokens=layout.num_tokens
+                                     ) if staged else 0
+    return ring, staging
+
+
 def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infer_frames: int = 48,
                steps: int | None = None) -> tuple[dict[str, int], dict[str, int]]:
     """(steady-state components, setup-only components) in bytes on the GPU for one configuration."""
@@ -232,16 +269,15 @@ def components(preset: Preset, cfg: RuntimeConfig, height: int, width: int, infe
     k = len(groups) if cfg.resident_blocks is None else max(0, min(cfg.resident_blocks, len(groups)))
     rest = flat[k:]
     enc = _encoder_bytes(preset)
-    # Resident rings hold the sink tokens after the ring in each layer's buffer (kv_cache.py).
-    ring = (FP8RingKVCache if cfg.kv_fp8 else RingKVCache).bytes_for(preset.dit, fs, BF16,
-                                                                     sink_tokens=layout.num_tokens)
     n_dev = steps if cfg.kv_on_device is None else max(0, min(cfg.kv_on_device, steps))
+    ring, staging = ring_bytes(preset, cfg, layout)
     dequant = 2 * preset.dit.ring_frames * fs * preset.dit.dim * (4 + 2) if (cfg.kv_fp8 and n_dev) else 0
     steady = {
         "dit.weights.resident_blocks": sum(groups[:k]),
         "dit.weights.other": base,
         "dit.stream_slots": min(2, len(rest)) * max(rest, default=0),
         "kv.ring_caches": n_dev * ring,
+        "kv.staging": staging if n_dev else 0,
         "kv.host_ring_slots": (steps - n_dev) * HostRingKVCache.device_bytes_for(preset.dit, fs, BF16,
                                                                                sink_tokens=layout.num_tokens),
         "kv.sink": SinkCache.bytes_for(preset.dit, layout, BF16),
@@ -305,22 +341,35 @@ def forward_flops(preset: Preset, layout: SinkLayout) -> float:
 
 def step_seconds(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: int, width: int,
                  steps: int | None = None, share: int = 1) -> float:
-    """Estimated seconds of one denoising step of a block: the forward's compute (`speed.forward_seconds`),
-    or its host transfers where they are longer (they overlap compute through prefetch). `share`:
-    sequence-parallel ranks splitting the compute (transfers are per rank and not split)."""
+    """Estimated seconds of one denoising step of a block, averaged over the steps: the forward's
+    compute (`speed.forward_seconds`; the steps whose rings share the sink stage ring + sink per layer)
+    plus the stalls of its host transfers, which overlap compute through prefetch but only one layer
+    ahead: a streamed block's weights come into the slot the block before the previous one freed
+    (`offload`: two slots; the first two are fetched during the previous forward), a host-staged
+    ring's layer while the layer before it computes. A layer stalls by what its copies take beyond one
+    layer's compute; the step takes at least all of its copies. `share`: sequence-parallel ranks
+    splitting the compute (transfers are per rank and not split)."""
     from liveavatar.runtime.speed import forward_seconds, forward_work
 
     steps = steps or preset.sampler.steps
+    n_dev = steps if cfg.kv_on_device is None else cfg.kv_on_device
     compute = forward_seconds(forward_work(preset, height, width), gpu, cfg.fp8, cfg.kv_fp8, share=share)["total"]
+    on_device = compute
+    if cfg.sink_shared and not cfg.kv_fp8 and n_dev:
+        on_device = forward_seconds(forward_work(preset, height, width, True), gpu, cfg.fp8, share=share)["total"]
     fs = (height // 16) * (width // 16)
     _, flat, _ = _dit_weight_bytes(preset, cfg.fp8)
     k = len(flat) if cfg.resident_blocks is None else cfg.resident_blocks
-    moved = sum(flat[k:])
-    n_dev = steps if cfg.kv_on_device is None else cfg.kv_on_device
-    ring = RingKVCache.bytes_for(preset.dit, fs, BF16)
-    kv_moved = (steps - n_dev) * ring * 1.25 / steps  # whole ring in, the new block's slots back
-    transfer = (moved + kv_moved) / (gpu.link_gbps * GB)
-    return max(compute, transfer)
+    link = gpu.link_gbps * GB
+    weights = [b / link if j >= k + 2 else 0.0 for j, b in enumerate(flat)]  # per layer, not hidden by the slots
+    ring = RingKVCache.bytes_for(preset.dit, fs, BF16) * 1.25 / len(flat) / link  # a layer in, the block's back
+
+    def one(seconds: float, kv: float) -> float:
+        layer = seconds / len(flat)
+        stall = sum(max(0.0, w + kv - layer) for w in weights)
+        return max(seconds + stall, (sum(flat[k:]) / link) + kv * len(flat))
+
+    return (n_dev * one(on_device, 0.0) + (steps - n_dev) * one(compute, ring)) / steps
 
 
 def decode_seconds(preset: Preset, gpu: GPUSpec, height: int, width: int) -> float:
@@ -338,6 +387,20 @@ def seconds_per_block(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: 
 
 def predict(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: int, width: int, infer_frames: int = 48,
             steps: int | None = None) -> Plan:
+    """The plan of `cfg`. With `kv_sink="auto"`, the planner's choice: per_ring, or shared where only
+    shared fits (the plan's config then says shared, and its note why)."""
+    p = _predict(preset, cfg, gpu, height, width, infer_frames, steps)
+    if cfg.kv_sink == "auto" and not p.fits:
+        shared = _predict(preset, replace(cfg, kv_sink="shared"), gpu, height, width, infer_frames, steps)
+        if shared.fits:
+            shared.note = (f"--kv_sink auto: shared (per_ring needs {p.gpus[0].peak_bytes / GiB:.1f} GiB, over the "
+                           f"{p.budget_bytes / GiB:.1f} GiB budget)")
+            return shared
+    return p
+
+
+def _predict(preset: Preset, cfg: RuntimeConfig, gpu: GPUSpec, height: int, width: int, infer_frames: int = 48,
+             steps: int | None = None) -> Plan:
     steady, setup = components(preset, cfg, height, width, infer_frames, steps)
     peak, steady_total, setup_total = _peak(steady, setup)
     comps = dict(steady)
@@ -358,10 +421,13 @@ def candidates(preset: Preset, allow_fp8: bool = True, steps: int | None = None)
     for fp8 in (False, True) if allow_fp8 else (False,):
         for kv in [None] + list(range(steps - 1, -1, -1)):
             for kv_fp8 in (False, True) if (kv != 0 and allow_fp8) else (False,):
-                for k in [None] + list(range(n_blocks - 1, -1, -1)):
-                    for t5_cpu in (False, True):
-                        out.append(RuntimeConfig(fp8=fp8, resident_blocks=k, kv_on_device=kv, kv_fp8=kv_fp8,
-                                                 t5_cpu=t5_cpu))
+                # The sink shared by the rings matters only where bf16 rings are on the GPU; per_ring first,
+                # so that a tie keeps it.
+                for kv_sink in ("per_ring", "shared") if (kv != 0 and not kv_fp8) else ("per_ring",):
+                    for k in [None] + list(range(n_blocks - 1, -1, -1)):
+                        for t5_cpu in (False, True):
+                            out.append(RuntimeConfig(fp8=fp8, resident_blocks=k, kv_on_device=kv, kv_fp8=kv_fp8,
+                                                     t5_cpu=t5_cpu, kv_sink=kv_sink))
     return out
 
 
@@ -410,6 +476,7 @@ def format_plan(p: Plan, gpu: GPUSpec) -> str:
 __all__ = [
     "format_plan",
     "GPUSpec", "Plan", "RuntimeConfig", "block_workspace_bytes", "candidates", "components", "decode_seconds",
-    "forward_flops", "plan", "predict", "seconds_per_block", "step_seconds", "vae_decode_flops",
+    "forward_flops", "plan", "predict", "ring_bytes", "ring_class", "seconds_per_block", "step_seconds",
+    "vae_decode_flops",
     "vae_decode_workspace_bytes",
 ]

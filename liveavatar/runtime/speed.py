@@ -14,7 +14,8 @@ assumed achievable fraction, and the parts are added (one stream runs them one a
   its weight dequantised to bf16 (`DEQUANT_BYTES` per weight element) at the bf16 rate: per Linear,
   whichever the model says is faster, which is what `FP8Linear` does at run time (`fp8_gemm_faster`).
 - Attention: 4·Lq·Lk·d per head at the bf16 rate · ATTENTION_EFFICIENCY (never the FP8 rate).
-- Everything else (norms, modulation, RoPE, casts, concatenations, cache writes): bytes over the
+- Everything else (norms, modulation, RoPE, casts, concatenations, cache writes, the sink keys
+  re-roped per forward and, with `--kv_sink shared`, each layer's ring and sink staged): bytes over the
   memory bandwidth · BANDWIDTH_EFFICIENCY, plus, with `--kv_fp8`, the ring's quantisation on write and
   dequantisation on read.
 - Host dispatch: eager PyTorch issues each operator from Python (about DISPATCH_SECONDS each); the
@@ -50,6 +51,8 @@ DEQUANT_BYTES = {"compiled": 3.0}
 
 _VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "unsqueeze", "squeeze", "select", "slice", "permute",
           "alias", "unbind", "split", "split_with_sizes", "detach", "as_strided", "unflatten", "_reshape_alias"}
+
+_COPIES = {"copy_", "index_copy_"}  # write their source's elements into the destination, read nothing else of it
 
 
 def _read_bytes(t: torch.Tensor) -> int:
@@ -126,6 +129,11 @@ class _Traffic(TorchDispatchMode):
             self.conv_flops += 2 * out.numel() * math.prod(w.shape[1:])
             return out
         ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if name in _COPIES:  # into (part of) the first argument: its old contents are not read
+            dst, src = args[0], ins[1:]
+            written = dst.numel() if name == "copy_" else args[-1].numel()
+            self.bytes += sum(_read_bytes(t) for t in src) + written * dst.element_size()
+            return out
         outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
         self.bytes += sum(_read_bytes(t) for t in ins) + sum(o.numel() * o.element_size() for o in outs)
         return out
@@ -139,13 +147,15 @@ def count_traffic(fn, *args) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=16)
-def forward_work(preset: Preset, height: int, width: int) -> ForwardWork:
-    """The work of one steady-state block forward (full ring) at `height` x `width`, counted on meta."""
-    from liveavatar.engine.denoise import block_attention
+def forward_work(preset: Preset, height: int, width: int, sink_shared: bool = False) -> ForwardWork:
+    """The work of one steady-state block forward (full ring) at `height` x `width`, counted on meta,
+    with the attention context's per-forward work (the sink keys re-roped into the ring's buffers, or,
+    `sink_shared`, the ring and the sink staged per layer: `--kv_sink shared`)."""
+    from liveavatar.engine.denoise import block_attention, block_tables
     from liveavatar.models.dit import CausalS2VDiT
     from liveavatar.models.layout import SinkLayout
     from liveavatar.runtime.fp8 import fp8_targets
-    from liveavatar.runtime.kv_cache import RingKVCache, SinkCache
+    from liveavatar.runtime.kv_cache import RingKVCache, SinkCache, StagedRingKVCache
 
     cfg = preset.dit
     dtype = torch.bfloat16
@@ -153,18 +163,18 @@ def forward_work(preset: Preset, height: int, width: int) -> ForwardWork:
         model = CausalS2VDiT(cfg).to(dtype)
     fp8 = {id(model.get_submodule(n).weight) for n in fp8_targets(model)}
     layout = SinkLayout(height // 8, width // 8, cfg.zip_frame_buckets)
-    try:  # rings that hold the sink tokens after the ring tokens (one buffer per layer)
-        ring = RingKVCache.allocate(cfg, layout.fs, dtype, device="meta", sink_tokens=layout.num_tokens)
-    except TypeError:
-        ring = RingKVCache.allocate(cfg, layout.fs, dtype, device="meta")
+    kind = StagedRingKVCache if sink_shared else RingKVCache
+    ring = kind.allocate(cfg, layout.fs, dtype, device="meta", sink_tokens=layout.num_tokens)
     sink = SinkCache.allocate(cfg, layout, dtype, device="meta")
-    f = cfg.frames_per_block
-    ctx = block_attention(cfg, ring, sink, 2 * cfg.ring_frames, 6, f, "meta")  # a full ring
+    f, start = cfg.frames_per_block, 2 * cfg.ring_frames  # a full ring
+    rope, (sink_tables,) = block_tables(cfg, layout, start, f, [6], "meta")
+    block_attention(cfg, ring, sink, start, 6, f, "meta", rope, sink_tables)  # sink values in: once per refresh
     z = torch.empty(1, cfg.in_dim, f, height // 8, width // 8, device="meta")
     audio = torch.empty(1, cfg.audio_layers, cfg.audio_dim, 4 * f, device="meta")
     text = torch.empty(1, cfg.text_len, cfg.dim, device="meta", dtype=dtype)
     rec, traffic = _Recorder(fp8), _Traffic()
     with torch.no_grad(), rec, traffic:
+        ctx = block_attention(cfg, ring, sink, start, 6, f, "meta", rope, sink_tables)
         model(z, torch.full((1,), 500.0, device="meta"), audio, text, ctx)
     return ForwardWork(tuple(sorted(rec.gemms.items())), tuple(sorted(rec.attention.items())), traffic.conv_flops,
                        traffic.bytes, traffic.ops + sum(rec.gemms.values()) + sum(rec.attention.values()),

@@ -22,7 +22,8 @@ from liveavatar.io import media
 from liveavatar.models.dit import CausalS2VDiT
 from liveavatar.models.layout import SinkLayout
 from liveavatar.runtime.compile import apply_compile, is_compiled
-from liveavatar.runtime.kv_cache import LayerKV
+from liveavatar.runtime.kv_cache import LayerKV, StagedRingKVCache
+from liveavatar.runtime.memory import RuntimeConfig
 
 OPTS = GenerationOptions(size=128 * 128, num_clip=2)  # 8 blocks: the ring fills, wraps; sink refresh at block 4
 
@@ -38,9 +39,17 @@ def _latents(pipe, inputs):
         return torch.cat(list(session.latents()), dim=2)
 
 
-def test_compiled_generation_traces_two_graphs_without_breaks_or_recompiles(inputs):
-    eager = _latents(Pipeline.tiny(seed=0), inputs)
-    pipe = Pipeline.tiny(seed=0)
+@pytest.fixture(scope="module")
+def eager(inputs):
+    return _latents(Pipeline.tiny(seed=0), inputs)
+
+
+@pytest.mark.parametrize("kv_sink", ["auto", "shared"])
+def test_compiled_generation_traces_two_graphs_without_breaks_or_recompiles(inputs, eager, kv_sink):
+    """Also with the sink shared by the rings (`--kv_sink shared`: each layer staged into one buffer
+    outside the graph, the block's keys and values written to the buffer and the ring inside it)."""
+    runtime = RuntimeConfig(kv_sink=kv_sink)
+    pipe = Pipeline.tiny(seed=0, runtime=runtime)
     apply_compile(pipe.dit, backend="aot_eager")  # dynamo + AOT autograd; inductor is checked below
     assert is_compiled(pipe.dit)
     dynamo.reset()
@@ -49,6 +58,8 @@ def test_compiled_generation_traces_two_graphs_without_breaks_or_recompiles(inpu
         out = _latents(pipe, inputs)
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 2  # ring filling (key mask) and steady state
+    rings = pipe.session(inputs, prompt="a person talking", options=OPTS).denoise[0].rings.values()
+    assert all(isinstance(r, StagedRingKVCache) == runtime.sink_shared for r in rings)
     rel = ((out - eager).norm() / eager.norm()).item()
     assert rel < 1e-6, rel
 

@@ -47,6 +47,45 @@ def test_full_size_cache_bytes_equal_the_cache_objects_on_meta():
     assert steady["kv.host_ring_slots"] == 3 * 2 * ring.device_nbytes // 40
 
 
+@pytest.mark.parametrize("preset,height,width", [(S2V_14B, 704, 384), (TINY, 128, 128)], ids=["704x384", "tiny"])
+@pytest.mark.parametrize("runtime", [
+    RuntimeConfig(), RuntimeConfig(kv_sink="per_ring"), RuntimeConfig(kv_sink="shared"),
+    RuntimeConfig(kv_sink="shared", kv_on_device=2), RuntimeConfig(kv_fp8=True, kv_on_device=3),
+    RuntimeConfig(kv_on_device=0),
+], ids=["auto", "per_ring", "shared", "shared+2-host", "kv-fp8+1-host", "all-host"])
+def test_denoise_stage_caches_on_meta_equal_the_planner(preset, height, width, runtime):
+    """Every cache a denoise stage of all the steps allocates (rings with or without their sink tokens,
+    the staging buffer the staged rings share, host-ring slots, the sink), on meta, against `components`."""
+    from liveavatar.engine.denoise import DenoiseStage
+    from liveavatar.engine.sampler import make_schedule
+    from liveavatar.runtime.kv_cache import StagedRingKVCache
+
+    with torch.device("meta"):
+        dit = CausalS2VDiT(preset.dit)
+    layout = SinkLayout(height // 8, width // 8, preset.dit.zip_frame_buckets)
+    stage = DenoiseStage(dit, make_schedule(preset.sampler), range(preset.sampler.steps), layout, "meta",
+                         torch.bfloat16, runtime)
+    steady, _ = components(preset, runtime, height, width)
+    rings = list(stage.rings.values())
+    host = [r for r in rings if isinstance(r, HostRingKVCache)]
+    assert sum(r.device_nbytes for r in rings if r not in host) == steady["kv.ring_caches"]
+    assert sum(r.device_nbytes for r in host) == steady["kv.host_ring_slots"]
+    staged = [r for r in rings if isinstance(r, StagedRingKVCache)]
+    assert len(staged) == (len(rings) - len(host) if runtime.sink_shared or runtime.kv_fp8 else 0)
+    assert all(r.staging is stage.staging for r in staged)  # one staging buffer for the stage
+    assert sum(t.nbytes for t in stage.staging or ()) == steady["kv.staging"]
+    assert stage.sink.nbytes == steady["kv.sink"]
+    assert stage.device_nbytes == sum(steady[k] for k in ("kv.ring_caches", "kv.staging", "kv.host_ring_slots",
+                                                           "kv.sink"))
+    if preset is S2V_14B and runtime.sink_shared and runtime.kv_on_device is None:
+        # shared: 4 rings of 10.38 GB without their 2.16 GB of sink tokens, one staging layer of ring + sink
+        assert steady["kv.ring_caches"] == 4 * 40 * 12 * 1056 * 2 * 5120 * 2
+        assert steady["kv.staging"] == (12 * 1056 + 2640) * 2 * 5120 * 2
+        per_ring, _ = components(preset, RuntimeConfig(), height, width)
+        assert per_ring["kv.ring_caches"] - steady["kv.ring_caches"] == 4 * steady["kv.sink"]
+        assert per_ring["kv.staging"] == 0
+
+
 def test_fp8_ring_cache_bytes_and_round_trip():
     from liveavatar.runtime.kv_cache import FP8RingKVCache
 

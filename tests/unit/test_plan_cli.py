@@ -20,6 +20,8 @@ SINK = 40 * 2640 * 2 * 5120 * 2  # sink at 704x384: 1056 ref + 1056 + 264 + 264 
 # One step's ring at 704x384: 40 layers, 12 frames of fs 1056, K+V bf16, followed in each layer's buffer by
 # the 2640 sink tokens (re-roped there once per forward).
 RING = 40 * (12 * 1056 + 2640) * 2 * 5120 * 2
+RING_SHARED = 40 * 12 * 1056 * 2 * 5120 * 2  # --kv_sink shared: the ring tokens only
+STAGING = (12 * 1056 + 2640) * 2 * 5120 * 2  # one layer of ring + sink, shared by the staged rings (FP8, shared)
 RING_FP8 = 40 * 12 * 1056 * 2 * 5120 + 40 * 12 * 1056 * 2 * 40 * 4  # FP8 K+V plus one fp32 scale per token/head
 HOST_SLOTS = 2 * RING // 40  # a host-staged ring keeps two layers (ring + sink) on the GPU
 TRANSIENT = ("dit.workspace", "vae.decode_workspace", "audio_encoder.windowed")  # never alive at once
@@ -52,6 +54,8 @@ def check_flags_round_trip(p: dict) -> None:
     cfg = p["config"]
     assert (ns.fp8, ns.resident_blocks, ns.kv_on_device, ns.kv_fp8, ns.t5_cpu, ns.offload_model) == (
         cfg["fp8"], cfg["resident_blocks"], cfg["kv_on_device"], cfg["kv_fp8"], cfg["t5_cpu"], cfg["offload_model"])
+    # per_ring is printed as the default (auto gives per_ring wherever per_ring fits, as a fitting plan does)
+    assert ns.kv_sink == ("shared" if cfg["kv_sink"] == "shared" else "auto")
 
 
 def check_components(g: dict, cfg: dict) -> None:
@@ -61,7 +65,9 @@ def check_components(g: dict, cfg: dict) -> None:
     assert g["steady_bytes"] == steady
     assert g["peak_bytes"] == max(g["steady_bytes"], g["setup_bytes"])
     on_device = 4 if cfg["kv_on_device"] is None else cfg["kv_on_device"]
-    assert c["kv.ring_caches"] == on_device * (RING_FP8 if cfg["kv_fp8"] else RING)
+    shared = cfg["kv_sink"] == "shared"
+    assert c["kv.ring_caches"] == on_device * (RING_FP8 if cfg["kv_fp8"] else RING_SHARED if shared else RING)
+    assert c["kv.staging"] == (STAGING if on_device and (cfg["kv_fp8"] or shared) else 0)
     assert c["kv.host_ring_slots"] == (4 - on_device) * HOST_SLOTS
     assert c["kv.sink"] == SINK
     assert (c["dit.stream_slots"] > 0) == (cfg["resident_blocks"] is not None and cfg["resident_blocks"] < 40)
@@ -119,11 +125,40 @@ def test_no_fp8_never_picks_fp8(capsys, gib):
     assert p["gpus"][0]["peak_bytes"] <= p["budget_bytes"]
     check_components(p["gpus"][0], p["config"])
     check_flags_round_trip(p)
-    # bf16 with every block and every ring (and its sink tokens) on the GPU needs 81.7 GiB at 704x384:
-    # even an 80 GiB card streams a few blocks (it keeps every ring on the GPU)
-    assert p["config"]["resident_blocks"] is not None and p["config"]["resident_blocks"] < 40
+    # bf16 with every block and every ring (each with its sink tokens) on the GPU needs 81.7 GiB at 704x384:
+    # 80 GiB keeps every block and hosts one ring (its layers arrive while the layer before computes)
     if gib == 80:
-        assert p["config"]["kv_on_device"] is None and p["config"]["resident_blocks"] >= 25
+        assert p["config"]["resident_blocks"] is None and p["config"]["kv_on_device"] == 3
+    else:
+        assert p["config"]["kv_on_device"] == 0
+
+
+def test_a100_80gb_bf16_keeps_every_block_resident(capsys):
+    """bf16 at 704x384 with every block and ring resident needs 81.7 GiB with a copy of the sink in each
+    ring, 73.9 GiB with the sink shared (stored once, each layer's ring + sink staged per forward): only
+    the latter fits an 80 GB A100. Streaming blocks instead is slower: on a 25 GB/s link a block's
+    weights take longer to arrive than a layer computes. The pick keeps every block resident and is at
+    least as fast as the shared sink (here a host-staged ring, whose layers arrive in time); on a slower
+    link that ring would stall, and the shared sink is the pick."""
+    base = ["--gpu", "a100-80gb", "--no_fp8"]
+    rc, per_ring = plan_json(capsys, *base, "--kv_sink", "per_ring")
+    assert rc == 1 and not per_ring["fits"] and per_ring["gpus"][0]["peak_bytes"] > 81.6 * GiB
+    rc, shared = plan_json(capsys, *base, "--kv_sink", "shared")
+    assert rc == 0 and shared["fits"] and shared["gpus"][0]["peak_bytes"] < 74 * GiB
+    assert per_ring["gpus"][0]["peak_bytes"] - shared["gpus"][0]["peak_bytes"] == 4 * SINK - STAGING
+    rc, streamed = plan_json(capsys, *base, "--resident_blocks", "28")  # per_ring, the blocks that fit
+    assert rc == 0 and streamed["fits"]
+    assert shared["seconds_per_block_estimate"] < streamed["seconds_per_block_estimate"]
+    assert per_ring["seconds_per_block_estimate"] < shared["seconds_per_block_estimate"]  # staging costs a little
+    rc, auto = plan_json(capsys, *base, "--auto")
+    assert rc == 0 and auto["fits"] and auto["config"]["resident_blocks"] is None
+    assert auto["seconds_per_block_estimate"] <= shared["seconds_per_block_estimate"]
+    rc, slow = plan_json(capsys, *base, "--auto", "--link_gbps", "12")
+    assert rc == 0 and slow["fits"] and "--kv_sink shared" in " ".join(slow["flags"])
+    assert slow["config"]["resident_blocks"] is None and slow["config"]["kv_on_device"] is None
+    for p in (shared, auto, slow):
+        check_components(p["gpus"][0], p["config"])
+        check_flags_round_trip(p)
 
 
 @pytest.mark.parametrize("argv", [["--gpu_memory", "6"], ["--gpu_memory", "24", "--size", "2048*2048"]])
@@ -174,3 +209,23 @@ def test_missing_gpu_memory_is_one_line_user_error(capsys):
     rc, out, err = run_plan(capsys, "--gpus", "4", "--auto")
     assert rc == 2 and out == ""
     assert len(err.splitlines()) == 1 and "--gpu_memory" in err
+
+
+def test_generate_kv_sink_auto_shares_the_sink_only_where_per_ring_does_not_fit(capsys):
+    """`generate --gpu_memory 80` at 704x384 (bf16, all resident): per_ring needs 81.7 GiB, so auto
+    takes shared (73.9 GiB) and says so; an explicit per_ring is refused; 90 GiB keeps per_ring."""
+    from liveavatar.cli import _check_fits
+    from liveavatar.config import S2V_14B
+    from liveavatar.errors import UserError
+    from liveavatar.runtime.memory import RuntimeConfig
+
+    def check(gib: str, kv_sink: str):
+        args = generate_args(["--gpu_memory", gib, "--kv_sink", kv_sink])
+        return _check_fits(args, S2V_14B, RuntimeConfig(kv_sink=kv_sink), "cpu", 704, 384, 48, 4)
+
+    table, runtime = check("80", "auto")
+    assert runtime == RuntimeConfig(kv_sink="shared") and "fits" in table
+    assert "--kv_sink auto: shared" in capsys.readouterr().err
+    with pytest.raises(UserError, match="needs 81.7 GiB but the GPU budget is 75.4 GiB"):
+        check("80", "per_ring")
+    assert check("90", "auto")[1] == RuntimeConfig()

@@ -1,5 +1,5 @@
 """Runtime modes give the resident model's output on the tiny preset, with the device emulated on the
-CPU: block streaming and host-staged KV caches bit for bit, FP8 weights within FP8 tolerance."""
+CPU: block streaming, host-staged KV caches and the shared sink bit for bit, FP8 weights within FP8 tolerance."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from PIL import Image
 
 from liveavatar.engine.pipeline import Pipeline
 from liveavatar.engine.session import GenerationOptions
-from liveavatar.runtime.kv_cache import HostRingKVCache
+from liveavatar.runtime.kv_cache import HostRingKVCache, StagedRingKVCache
 from liveavatar.runtime.memory import RuntimeConfig
 
 OPTS = GenerationOptions(size=128 * 128, num_clip=2, seed=11)
@@ -44,11 +44,20 @@ def resident(inputs):
     RuntimeConfig(resident_blocks=0),
     RuntimeConfig(resident_blocks=2, kv_on_device=1),
     RuntimeConfig(kv_on_device=0, t5_cpu=True, offload_model=False),
-], ids=["stream-all", "stream-half+kv-host", "kv-host+t5-cpu"])
+    RuntimeConfig(kv_sink="shared"),
+    RuntimeConfig(kv_sink="shared", kv_on_device=2, resident_blocks=1),
+], ids=["stream-all", "stream-half+kv-host", "kv-host+t5-cpu", "sink-shared", "sink-shared+kv-host+stream"])
 def test_streaming_and_kv_placement_are_bit_identical(inputs, resident, runtime):
+    """Two clips: the rings wrap and the sink is refreshed (prefilled again) on the way."""
     session, z = _latents(inputs, runtime)
-    n_host = sum(isinstance(r, HostRingKVCache) for r in _rings(session))
+    rings = _rings(session)
+    n_host = sum(isinstance(r, HostRingKVCache) for r in rings)
     assert n_host == (0 if runtime.kv_on_device is None else 4 - runtime.kv_on_device)
+    shared = [r for r in rings if isinstance(r, StagedRingKVCache)]
+    assert len(shared) == (4 - n_host if runtime.sink_shared else 0)
+    for ring in shared:  # ring tokens only, attended through the stage's one staging buffer of ring + sink
+        assert ring.k.shape[2] == ring.ring_len and ring.staging is shared[0].staging
+        assert ring.staging[0].shape[1] == ring.ring_len + session.layout.num_tokens
     assert (session.pipe.streamer is not None) == (runtime.resident_blocks is not None)
     assert torch.equal(z, resident)
 

@@ -197,6 +197,24 @@ def test_saved_pushed_windowed_session_continues_after_the_sink_refresh(pipe, fi
     assert torch.equal(torch.cat([*head, _latents(restored)], dim=2), lat)
 
 
+def test_a_state_saved_with_a_sink_per_ring_continues_with_the_sink_shared(pipe, files, tmp_path):
+    """A saved ring holds its ring tokens only, whatever `--kv_sink`: the session moves across."""
+    from liveavatar.runtime.kv_cache import StagedRingKVCache
+    from liveavatar.runtime.memory import RuntimeConfig
+
+    full = _latents(pipe.session(*files, PROMPT, OPTS))
+    session = pipe.session(*files, PROMPT, OPTS)
+    gen = session.latents()
+    head = [next(gen) for _ in range(5)]  # past the sink refresh at block 4
+    gen.close()
+    session.save(tmp_path / "s.pt")
+    session.close()
+    restored = Pipeline.tiny(seed=0, runtime=RuntimeConfig(kv_sink="shared")).restore(tmp_path / "s.pt",
+                                                                                      audio=files[1])
+    assert all(isinstance(r, StagedRingKVCache) for stage in restored.denoise for r in stage.rings.values())
+    assert torch.equal(torch.cat([*head, _latents(restored)], dim=2), full)
+
+
 def test_restore_refuses_a_foreign_or_mismatched_state(pipe, files, tmp_path):
     from liveavatar.errors import UserError
 
