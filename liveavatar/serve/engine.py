@@ -427,7 +427,7 @@ class LiveEngine:
 __all__ = ["Limits", "LiveEngine", "Metrics", "ServedSession"]
 
 
-PER_SESSION = ("kv.ring_caches", "kv.host_ring_slots", "kv.sink", "vae.stream_state")
+PER_SESSION = ("kv.ring_caches", "kv.host_ring_slots", "kv.staging", "kv.sink", "vae.stream_state")
 MAX_AUTO_ACTIVE = 8
 
 
