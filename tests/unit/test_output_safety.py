@@ -45,10 +45,22 @@ def _argv(inputs: Path, out: Path, *extra) -> list[str]:
             *extra]
 
 
-def _start(argv, **kw) -> subprocess.Popen:
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited ignore: give
+    # the run the Ctrl-C a terminal would deliver, however this test suite was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _start(argv, preexec_fn=None, **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def setup() -> None:
+        _default_sigint()
+        if preexec_fn is not None:
+            preexec_fn()
+
     return subprocess.Popen(argv, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
+                            text=True, preexec_fn=setup, **kw)
 
 
 def _wait_for(cond, proc: subprocess.Popen, timeout: float = 300) -> None:

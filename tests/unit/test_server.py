@@ -45,7 +45,8 @@ class Server:
         self.log = tempfile.NamedTemporaryFile(prefix="liveavatar-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "liveavatar", "serve", "--preset", "tiny", "--port", str(self.port),
-             "--size", SIZE, *flags], stdout=self.log, stderr=subprocess.STDOUT, env=ENV)
+              "--size", SIZE, *flags], stdout=self.log, stderr=subprocess.STDOUT, env=ENV,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # stoppable however we were started
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -255,8 +256,8 @@ def test_twenty_sessions_two_at_a_time():
         blocks_each = 2
         infos = [srv.create({"seed": i, "max_seconds": blocks_each * 12 / 25}) for i in range(20)]
         assert [i["state"] for i in infos].count("active") <= 2
-        positions = [i["position"] for i in infos if i["state"] == "queued"]
-        assert positions == sorted(positions) and len(set(positions)) == len(positions)
+        # Each was told its place when created: behind at most everyone created before it.
+        assert all(1 <= i["position"] <= n + 1 for n, i in enumerate(infos) if i["state"] == "queued")
 
         samples: list[tuple[float, float]] = []
 
