@@ -227,9 +227,10 @@ class RingKVCache:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The ring's contents by name (what a saved session stores; the sink part is derived from the
-        sink cache); `load` copies them back."""
+        sink cache); `load` copies them back. Views of a ring + sink buffer come back as copies of the
+        ring part: `torch.save` writes a view's whole storage, sink tokens included."""
         self.flush()
-        return {"k": self.k, "v": self.v}
+        return {"k": _ring_part(self.k), "v": _ring_part(self.v)}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         self.k.copy_(tensors["k"])
@@ -239,6 +240,12 @@ class RingKVCache:
         """Release the storage now (the object must not be used afterwards)."""
         self.k = self.v = self.buf_k = self.buf_v = None
         self._index, self._mask = {}, {}
+
+
+def _ring_part(t: torch.Tensor) -> torch.Tensor:
+    if t.untyped_storage().nbytes() == t.nbytes:
+        return t
+    return t.clone() if t.device.type == "cpu" else t.to("cpu")  # only the ring's bytes, on the host
 
 
 class _StagedRing(RingKVCache):
