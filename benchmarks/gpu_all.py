@@ -59,24 +59,13 @@ def parse_args(argv=None):
 
 
 def _random_module(module_cls, cfg, device, dtype, gen_seed: int):
-    """`module_cls(cfg)` built on meta and filled on `device` with seeded normal(0, 0.02) weights
-    (norm scales 1, biases 0): seconds for 14B parameters on a GPU."""
+    """`module_cls(cfg)` with seeded random weights drawn on `device` (seconds for 14B parameters on a GPU)."""
     import torch
 
-    with torch.device("meta"):
-        m = module_cls(cfg).to(dtype)
-    m = m.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(gen_seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight", "gamma", "norm.weight",
-                              "norm1.weight", "norm2.weight")):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            elif p.dtype.is_floating_point:
-                p.normal_(0, 0.02, generator=g)
-    return m.eval()
+    from liveavatar.engine.pipeline import random_module
+
+    return random_module(module_cls, cfg, dtype, device, torch.Generator(device=device).manual_seed(gen_seed),
+                         in_place=True)
 
 
 def _compile(dit) -> str:

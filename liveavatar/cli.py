@@ -792,20 +792,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _check_device(args.device)
     _check_attention(args.attention, args.device)
 
-    import torch
-
-    from liveavatar.engine.pipeline import Pipeline
     from liveavatar.serve.app import serve
     from liveavatar.serve.engine import Limits, LiveEngine, auto_max_active
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    runtime = _runtime_from_args(args)
-    if args.ckpt_dir is None:
-        pipe = Pipeline.tiny(device=device, runtime=runtime)
-    else:
-        pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
-                                        dtype=getattr(torch, preset.dtype), runtime=runtime)
-    height, width = media.target_size(384, 704, max_area) if max_area != 704 * 384 else (384, 704)
+    pipe = _load_pipeline(args, preset, _device(args), _runtime_from_args(args))
+    height, width = media.target_size(384, 704, max_area)
     if args.max_active == "auto":
         args.max_active, why = auto_max_active(pipe, height, width)
     else:
@@ -852,19 +843,9 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         raise UserError(f"no model weights given (--ckpt_dir); {WEIGHTS_HELP}")
     _in_range("--port", args.port, 1, 65535)
     _check_device(args.device)
-    import torch
-
-    from liveavatar.engine.pipeline import Pipeline
     from liveavatar.serve.ui import launch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    runtime = _runtime_from_args(args)
-    if args.ckpt_dir is None:
-        pipe = Pipeline.tiny(device=device, runtime=runtime)
-    else:
-        pipe = Pipeline.from_checkpoint(args.ckpt_dir, args.lora_path_dmd, preset, device=device,
-                                        dtype=getattr(torch, preset.dtype), runtime=runtime)
-    launch(pipe, args.host, args.port, "s2v-14b")
+    launch(_load_pipeline(args, preset, _device(args), _runtime_from_args(args)), args.host, args.port, "s2v-14b")
     return 0
 
 

@@ -19,6 +19,31 @@ from liveavatar.models.dit import CausalS2VDiT
 from liveavatar.runtime.memory import RuntimeConfig
 
 
+def random_module(module_cls, cfg, dtype: torch.dtype, device, generator: torch.Generator,
+                  in_place: bool = False) -> torch.nn.Module:
+    """`module_cls(cfg)` built on meta, cast, then filled on `device`: norm scales 1, biases 0, other
+    weights normal(0, 0.02) from `generator`: drawn on the CPU in chunks and copied (the same values on
+    any device), or with `in_place` drawn on the device by a generator there (fast, device-specific)."""
+    with torch.device("meta"):
+        m = module_cls(cfg).to(dtype)  # cast on meta: no full-precision copy is ever allocated
+    m = m.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight", "gamma", "norm.weight",
+                              "norm1.weight", "norm2.weight")):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif in_place:
+                p.normal_(0, 0.02, generator=generator)
+            else:
+                flat = p.view(-1)
+                for i in range(0, flat.numel(), 1 << 26):
+                    part = flat[i:i + (1 << 26)]
+                    part.copy_(torch.randn(part.numel(), generator=generator).mul_(0.02))
+    return m.eval()
+
+
 class Pipeline:
     """Holds the models of one preset on one device; makes sessions."""
 
@@ -89,22 +114,7 @@ class Pipeline:
         gen = torch.Generator("cpu").manual_seed(seed)
 
         def make(module_cls, cfg, where):
-            with torch.device("meta"):
-                m = module_cls(cfg).to(dtype)  # cast on meta: no full-precision copy is ever allocated
-            m = m.to_empty(device=where)
-            with torch.no_grad():
-                for name, p in m.named_parameters():
-                    if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight", "gamma", "norm.weight",
-                                      "norm1.weight", "norm2.weight")):
-                        p.fill_(1.0)
-                    elif name.endswith("bias"):
-                        p.zero_()
-                    else:  # drawn on the CPU in chunks: same values on any device
-                        flat = p.view(-1)
-                        for i in range(0, flat.numel(), 1 << 26):
-                            part = flat[i:i + (1 << 26)]
-                            part.copy_(torch.randn(part.numel(), generator=gen).mul_(0.02))
-            return m.eval()
+            return random_module(module_cls, cfg, dtype, where, gen)
 
         dit = make(CausalS2VDiT, preset.dit, "cpu" if host_first else device)
         with torch.no_grad():

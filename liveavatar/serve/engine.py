@@ -172,15 +172,19 @@ class ServedSession:
                 self.pending.append((kind, value))
                 return None
             session = self.session
+        self._apply(session, kind, value)
+        self.engine.wake()
+        return None
+
+    def _apply(self, session: Session, kind: str, value) -> None:
+        """Hand one client message (speech samples, end of utterance, barge-in) to the running session."""
         if kind == "speech":
             self.heard = True
             session.push_audio(value)
         elif kind == "end":
             session.end_audio()
         else:
-            return session.barge_in()
-        self.engine.wake()
-        return None
+            session.barge_in()
 
     def push(self, samples: np.ndarray) -> None:
         self.touch()
@@ -374,13 +378,7 @@ class LiveEngine:
                 s.session, s.state = session, "active"
                 pending, s.pending = s.pending, []
             for kind, value in pending:
-                if kind == "speech":
-                    s.heard = True
-                    session.push_audio(value)
-                elif kind == "end":
-                    session.end_audio()
-                else:
-                    session.barge_in()
+                s._apply(session, kind, value)
             s._send({"type": "started", "mime": s.writer.mime, "width": s.inputs.width, "height": s.inputs.height})
 
     def _sink(self, s: ServedSession):
