@@ -58,9 +58,21 @@ class CausalConv3d(nn.Conv3d):
             prev = caches[self.slot]
             x = torch.cat([prev, x], 2) if prev is not None else F.pad(x, (0, 0, 0, 0, self.t_pad, 0))
             caches[self.slot] = x[:, :, -CACHE_T:].clone()
-        if _slow_cpu_conv3d(x) and self.stride[0] == 1 and x.shape[3] * x.shape[4] >= 4096:
-            return self._time_in_batch(x)
+        if _slow_cpu_conv3d(x) and self.stride[0] == 1 and x.shape[3] * x.shape[4] >= 256:
+            # One output frame: a 2-D conv over (channel, time) folded together; more: windows as a batch.
+            return self._folded_2d(x) if x.shape[2] == self.kernel_size[0] else self._time_in_batch(x)
         return super().forward(x)
+
+    def _folded_2d(self, x: Tensor) -> Tensor:
+        """The same convolution for an input that yields one output frame, as a 2-D convolution whose
+        input channels are (channel, frame) pairs, in channels-last layout: PyTorch's CPU conv2d takes
+        oneDNN there (2-4x faster than the reference conv3d kernel; ~1e-6 relative differences)."""
+        b, c, t, h, w = x.shape
+        x2 = x.reshape(b, c * t, h, w).contiguous(memory_format=torch.channels_last)
+        w2 = self.weight.reshape(self.out_channels, c * t, *self.kernel_size[1:])
+        y = F.conv2d(x2, w2.contiguous(memory_format=torch.channels_last), self.bias, self.stride[1:],
+                     self.padding[1:])
+        return y.unsqueeze(2).contiguous()
 
     def _time_in_batch(self, x: Tensor) -> Tensor:
         """The same convolution with each output frame's input window as a batch entry: PyTorch's CPU

@@ -124,3 +124,31 @@ def test_encode_shape_rule(vae, frames, latents):
 def test_encode_rejects_bad_frame_count(vae):
     with pytest.raises(UserError):
         vae.encode(torch.zeros(1, 3, 4, 16, 16))
+
+
+@pytest.mark.parametrize("c_in,c_out,t,h,w,kernel,padding", [
+    (8, 8, 1, 48, 40, 3, 1),            # one output frame: folded 2-D conv
+    (16, 32, 1, 20, 13, 3, 1),          # odd sizes, widening
+    (8, 8, 4, 32, 24, 3, 1),            # several output frames: windows as a batch
+    (32, 64, 2, 16, 16, (3, 1, 1), (1, 0, 0)),  # temporal-only kernel (the time upsampler's)
+    (8, 8, 3, 8, 8, 3, 1),              # below the size where the reference kernel is kept
+])
+def test_cpu_conv_paths_equal_plain_conv3d(c_in, c_out, t, h, w, kernel, padding):
+    """The CPU fast paths of the causal conv (chosen where PyTorch would run its slow reference
+    conv3d) compute the same convolution as a plain conv3d over the causally padded input, also for
+    the cache it leaves for the next chunk."""
+    from torch import nn
+
+    from liveavatar.models.vae import CausalConv3d
+
+    torch.manual_seed(0)
+    conv = CausalConv3d(c_in, c_out, kernel, padding=padding)
+    conv.slot = 0
+    prev = torch.randn(1, c_in, 2, h, w)
+    x = torch.randn(1, c_in, t, h, w)
+    caches = [prev.clone()]
+    y = conv(x, caches)
+    ref = nn.Conv3d.forward(conv, torch.cat([prev, x], 2))
+    assert y.shape == ref.shape
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(caches[0], torch.cat([prev, x], 2)[:, :, -2:])
