@@ -109,6 +109,8 @@ class AudioConfig:
     conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
     num_conv_pos_embeddings: int = 128
     num_conv_pos_embedding_groups: int = 16
+    conv_bias: bool = True
+    layer_norm_eps: float = 1e-5
     vocab_size: int = 33
     sample_rate: int = 16000
     feature_rate: int = 50  # wav2vec2 frames per second

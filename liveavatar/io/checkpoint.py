@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from liveavatar.config import DiTConfig, T5Config, VAEConfig
+from liveavatar.config import AudioConfig, DiTConfig, T5Config, VAEConfig
 from liveavatar.errors import UserError
 from liveavatar.models.sizes import on_meta, state_shapes
 
@@ -955,7 +955,21 @@ def _merge_checked(model: nn.Module, lora: dict[str, torch.Tensor], scale: float
 # wav2vec2 (Hugging Face folder)
 
 _W2V_HEADS = ("lm_head.", "quantizer.", "project_q.", "project_hid.")  # heads the encoder does not use
+_W2V_UNUSED = ("masked_spec_embed",)  # training-time SpecAugment vector; optional in checkpoints
 _W2V_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_W2V_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# transformers' Wav2Vec2Config defaults, for fields a config.json leaves out
+_W2V_DEFAULTS = {
+    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+    "conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16, "conv_bias": False,
+    "layer_norm_eps": 1e-5, "do_stable_layer_norm": False, "feat_extract_norm": "group", "hidden_act": "gelu",
+    "feat_extract_activation": "gelu", "add_adapter": False, "adapter_attn_dim": None, "model_type": "wav2vec2",
+}
+# the layout this engine implements (wav2vec2-large-xlsr-53's)
+_W2V_LAYOUT = {"model_type": "wav2vec2", "do_stable_layer_norm": True, "feat_extract_norm": "layer",
+               "hidden_act": "gelu", "feat_extract_activation": "gelu", "add_adapter": False,
+               "adapter_attn_dim": None}
 
 
 def _w2v_key(k: str) -> str:
@@ -965,10 +979,161 @@ def _w2v_key(k: str) -> str:
         ".weight_v", ".parametrizations.weight.original1")
 
 
+def _w2v_used(k: str) -> bool:
+    return not k.startswith(_W2V_HEADS) and _w2v_key(k) not in _W2V_UNUSED
+
+
+def read_wav2vec2_config(path: str | Path) -> AudioConfig:
+    """The AudioConfig of a wav2vec2 folder's config.json (transformers' defaults for fields it leaves
+    out); a UserError if it cannot be read or describes a layout this engine does not run."""
+    path = Path(path)
+    raw = _read_json_file(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} holds a JSON {_json_type(raw)}, not an object of model settings; re-download it")
+    conf = _W2V_DEFAULTS | raw
+    for name, want in _W2V_LAYOUT.items():
+        if conf[name] != want:
+            raise UserError(f"{path} sets {name}={_brief(conf[name])}; this engine runs the wav2vec2 layout of "
+                            f"wav2vec2-large-xlsr-53-english ({name}={want!r}), use that checkpoint")
+
+    def positive_int(name: str, v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"{path} sets {name}={_brief(v)}, which is not a positive integer; re-download it")
+        return v
+
+    ints = {n: positive_int(n, conf[n]) for n in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                   "intermediate_size", "num_conv_pos_embeddings",
+                                                   "num_conv_pos_embedding_groups")}
+    lists = {}
+    for n in ("conv_dim", "conv_kernel", "conv_stride"):
+        if not isinstance(conf[n], list) or not conf[n]:
+            raise UserError(f"{path} sets {n}={_brief(conf[n])}, which is not a list of integers; re-download it")
+        lists[n] = tuple(positive_int(n, v) for v in conf[n])
+    if len({len(v) for v in lists.values()}) != 1:
+        raise UserError(f"{path} sets conv_dim, conv_kernel and conv_stride of different lengths "
+                        f"({', '.join(str(len(v)) for v in lists.values())}); re-download it")
+    eps = conf["layer_norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 1:
+        raise UserError(f"{path} sets layer_norm_eps={_brief(eps)}, which is not a small positive number; "
+                        f"re-download it")
+    if not isinstance(conf["conv_bias"], bool):
+        raise UserError(f"{path} sets conv_bias={_brief(conf['conv_bias'])}, which is not true or false; "
+                        f"re-download it")
+    for a, b in (("hidden_size", "num_attention_heads"), ("hidden_size", "num_conv_pos_embedding_groups")):
+        if ints[a] % ints[b]:
+            raise UserError(f"{path} sets {a}={ints[a]}, not a multiple of {b}={ints[b]}; re-download it")
+    return AudioConfig(**ints, **lists, conv_bias=conf["conv_bias"], layer_norm_eps=float(eps))
+
+
+def _read_preprocessor(path: Path) -> bool:
+    """do_normalize of a wav2vec2 folder's preprocessor_config.json, after checking that it feeds
+    16 kHz mono samples."""
+    raw = _read_json_file(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} holds a JSON {_json_type(raw)}, not an object of settings; re-download it")
+    rate = raw.get("sampling_rate", 16000)
+    if rate != 16000:
+        raise UserError(f"wav2vec2 folder {path.parent} expects {_brief(rate)} Hz audio; this engine feeds "
+                        f"16000 Hz, use a 16 kHz wav2vec2 checkpoint")
+    if raw.get("feature_size", 1) != 1:
+        raise UserError(f"{path} sets feature_size={_brief(raw['feature_size'])}; wav2vec2 here takes raw "
+                        f"mono samples (feature_size 1), use the checkpoint's own folder")
+    norm = raw.get("do_normalize", True)
+    if not isinstance(norm, bool):
+        raise UserError(f"{path} sets do_normalize={_brief(norm)}, which is not true or false; re-download it")
+    return norm
+
+
+def wav2vec2_weight_files(folder: str | Path) -> tuple[dict[Path, list[str]], dict[str, TensorMeta], list[str]]:
+    """(file -> its tensors, checkpoint key -> metadata, problems) of the weights in a wav2vec2 folder:
+    one model.safetensors or pytorch_model.bin, or the shards an index of either lists; only headers
+    are read."""
+    folder = Path(folder)
+    single = [folder / n for n in _W2V_WEIGHTS if (folder / n).is_file()]
+    indexes = [folder / n for n in _W2V_INDEXES if (folder / n).is_file()]
+    if single:
+        paths = [single[0]]
+    elif indexes:
+        weight_map, problems = _read_index(indexes[0])
+        if problems:
+            return {}, {}, problems
+        paths = [folder / f for f in sorted(set(weight_map.values()))]
+        absent = [p.name for p in paths if not p.is_file()]
+        if absent:
+            return {}, {}, [f"{indexes[0]} lists {', '.join(absent[:_SHOW])}, missing from {folder}; re-download it"]
+    else:
+        return {}, {}, [f"no wav2vec2 weights in {folder}: expected {' or '.join(_W2V_WEIGHTS)} "
+                        f"(or a sharded index of either)"]
+    files, metas, problems = {}, {}, []
+    for p in paths:
+        try:
+            found = _file_metas(p)
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        files[p] = list(found)
+        metas |= found
+    return files, metas, problems
+
+
+def load_wav2vec2(folder: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """(the `Wav2Vec2` of a Hugging Face wav2vec2 folder, whether its audio is normalised): config,
+    preprocessor settings and every tensor header checked before any weight is read; each tensor
+    cast to `dtype` and checked for NaN and infinite values. Problems are one-line UserErrors."""
+    from liveavatar.models.wav2vec2 import Wav2Vec2
+
+    folder = Path(folder)
+    expected = ("config.json, preprocessor_config.json and the model weights "
+                "(model.safetensors or pytorch_model.bin), as in <checkpoint>/wav2vec2-large-xlsr-53-english")
+    if not folder.is_dir():
+        raise UserError(f"wav2vec2 folder {folder} does not exist; it must hold {expected}")
+    absent = [f for f in ("config.json", "preprocessor_config.json") if not (folder / f).is_file()]
+    if not any((folder / f).is_file() for f in _W2V_WEIGHTS + _W2V_INDEXES):
+        absent.append("model weights")
+    if absent:
+        raise UserError(f"wav2vec2 folder {folder} lacks {', '.join(absent)}; it must hold {expected}")
+    cfg = read_wav2vec2_config(folder / "config.json")
+    do_normalize = _read_preprocessor(folder / "preprocessor_config.json")
+    files, metas, problems = wav2vec2_weight_files(folder)
+    if problems:
+        raise UserError(f"wav2vec2 weights in {folder} cannot be read: {_summarize(problems)}")
+    model = on_meta(Wav2Vec2, cfg)
+    want = state_shapes(model)
+    found = {_w2v_key(k): m for k, m in metas.items() if _w2v_used(k)}
+    missing = sorted(set(want) - set(found))
+    unused = sorted(set(found) - set(want))
+    misshaped = sorted(f"{k} {_shape(found[k].shape)} (expected {_shape(want[k])})"
+                       for k in set(want) & set(found) if tuple(found[k].shape) != tuple(want[k]))
+    bad = missing + unused + misshaped
+    if bad:
+        raise UserError(f"wav2vec2 weights in {folder} do not match its config.json ({len(missing)} missing, "
+                        f"{len(unused)} unused, {len(misshaped)} mis-shaped; first: {bad[0]}); "
+                        f"re-download the folder")
+    problems = _dtype_problems({k: m for k, m in metas.items() if _w2v_used(k)})
+    if problems:
+        raise UserError(f"wav2vec2 weights in {folder}: {_summarize(problems)}; re-download the folder")
+    sd = {}
+    for path, keys in files.items():
+        keys = [k for k in keys if _w2v_used(k)]
+        if path.suffix == ".safetensors":
+            read = _read_safetensors({path: keys}, metas, dtype, device)
+        else:
+            mapped = _mmap_pth(path)
+            read = {}
+            for k in keys:
+                t = mapped.pop(k)
+                read[k] = _place(t, dtype, device)
+                _check_finite(read[k], t, f"{path}: tensor {k}")
+            del mapped
+        sd |= {_w2v_key(k): t for k, t in read.items()}
+    return _finish(model, sd, f"wav2vec2 weights in {folder}"), do_normalize
+
+
 __all__ = [
     "AUDIO_DIR", "COMPONENTS", "CkptPaths", "DIT_CONFIG", "DIT_INDEX", "DIT_SHARD_RE", "DIT_SINGLE",
     "FILE_DTYPES", "LORA_FILE", "LORA_PREFIX", "LORA_REPO", "LORA_TARGETS", "T5_FILE", "TOKENIZER_DIR",
     "TensorMeta", "VAE_FILE", "check_lora", "ckpt_paths", "dit_shard_name", "expected_lora_tensors",
-    "load_dit", "load_lora", "load_t5", "load_vae", "lora_key", "lora_targets", "merge_lora",
-    "read_dit_config", "read_pth_metadata", "read_safetensors_header", "resolve_lora_path",
+    "load_dit", "load_lora", "load_t5", "load_vae", "load_wav2vec2", "lora_key", "lora_targets", "merge_lora",
+    "read_dit_config", "read_pth_metadata", "read_safetensors_header", "read_wav2vec2_config",
+    "resolve_lora_path", "wav2vec2_weight_files",
 ]

@@ -23,8 +23,6 @@ from liveavatar.config import AudioConfig, Preset, get_preset
 from liveavatar.errors import UserError
 from liveavatar.io.checkpoint import (
     _LORA_KEY,
-    _W2V_HEADS,
-    _W2V_WEIGHTS,
     COMPONENTS,
     DIT_CONFIG,
     DIT_SHARD_RE,
@@ -42,12 +40,14 @@ from liveavatar.io.checkpoint import (
     _lora_problems,
     _read_json_file,
     _w2v_key,
+    _w2v_used,
     ckpt_paths,
     expected_lora_tensors,
     lora_key,
     read_dit_config,
     read_pth_metadata,
     resolve_lora_path,
+    wav2vec2_weight_files,
 )
 from liveavatar.models.sizes import on_meta, state_shapes, wav2vec2_on_meta
 
@@ -231,27 +231,19 @@ def _check_audio(folder: Path, cfg: AudioConfig, rep: ComponentReport) -> None:
         rep.files.append("config.json")
         problems, other_model = _audio_config_problems(conf, cfg)
         rep.problems += problems
-    weights = [folder / n for n in _W2V_WEIGHTS if (folder / n).is_file()]
-    if not weights:
-        rep.problems.append(f"no wav2vec2 weights in {folder}: expected {' or '.join(_W2V_WEIGHTS)}")
+    files, raw_metas, problems = wav2vec2_weight_files(folder)
+    rep.files += [p.name for p in files]
+    if problems:
+        rep.problems += problems
         return
-    path = weights[0]
-    rep.files.append(path.name)
-    try:
-        raw_metas = _file_metas(path)
-    except UserError as exc:
-        rep.problems.append(str(exc))
-        return
-    metas = {_w2v_key(k): m for k, m in raw_metas.items() if not k.startswith(_W2V_HEADS)}
-    metas.pop("masked_spec_embed", None)  # only used for training-time masking; optional in checkpoints
+    metas = {_w2v_key(k): m for k, m in raw_metas.items() if _w2v_used(k)}
     expected = state_shapes(wav2vec2_on_meta(cfg))
-    expected.pop("masked_spec_embed", None)
     rep.count(metas)
     if other_model:
         rep.notes.append("tensors not compared: config.json describes another model than the preset")
         return
     rep.problems += _compare(expected, metas)
-    problems, notes = _dtype_notes(metas, FILE_DTYPES["audio"], path.name)
+    problems, notes = _dtype_notes(metas, FILE_DTYPES["audio"], ", ".join(p.name for p in files))
     rep.problems += problems
     rep.notes += notes
 
@@ -259,15 +251,13 @@ def _check_audio(folder: Path, cfg: AudioConfig, rep: ComponentReport) -> None:
 def _audio_config_problems(conf: Path, cfg: AudioConfig) -> tuple[list[str], bool]:
     """(problems, whether it describes another model): the fields of the wav2vec2 config.json that
     differ from the preset, or why it cannot be read."""
-    from liveavatar.models.wav2vec2 import wav2vec2_config
-
     try:
         raw = _read_json_file(conf)
     except UserError as exc:
         return [str(exc)], False
     if not isinstance(raw, dict):
         return [f"{conf} holds a JSON {_json_type(raw)}, not an object of model settings; re-download it"], False
-    want = wav2vec2_config(cfg).to_dict()
+    want = {name: getattr(cfg, name) for name in _W2V_CONFIG_FIELDS}
     diffs = [f"{conf} sets {name}={_brief(raw[name])}, the preset expects {want[name]!r}"
              for name in _W2V_CONFIG_FIELDS
              if name in raw and list(_as_list(raw[name])) != list(_as_list(want[name]))]

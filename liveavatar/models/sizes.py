@@ -20,13 +20,10 @@ def on_meta(cls, cfg) -> nn.Module:
 
 
 def wav2vec2_on_meta(cfg: AudioConfig) -> nn.Module:
-    """The transformers `Wav2Vec2Model` of `cfg` on the meta device."""
-    from transformers import Wav2Vec2Model
+    """The wav2vec2 encoder (`liveavatar.models.wav2vec2.Wav2Vec2`) of `cfg` on the meta device."""
+    from liveavatar.models.wav2vec2 import Wav2Vec2
 
-    from liveavatar.models.wav2vec2 import wav2vec2_config
-
-    with torch.device("meta"):
-        return Wav2Vec2Model(wav2vec2_config(cfg))
+    return on_meta(Wav2Vec2, cfg)
 
 
 def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

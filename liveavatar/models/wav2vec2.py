@@ -1,15 +1,16 @@
 """wav2vec2 audio features for the S2V DiT: 16 kHz samples -> [1, 25, hidden, N video frames].
 
-`AudioEncoder` wraps transformers' `Wav2Vec2Model` (the base model; the checkpoint folder
-`wav2vec2-large-xlsr-53-english` is a `Wav2Vec2ForCTC`, whose `wav2vec2.` prefix transformers strips
-and whose CTC head is not needed). `features` reproduces the official S2V path:
+`Wav2Vec2` is the encoder of transformers' `Wav2Vec2Model` in its stable-layer-norm layout (the one
+of wav2vec2-large-xlsr-53), written here with the same module names so the official folder (a
+`Wav2Vec2ForCTC`: `wav2vec2.` prefix, CTC head unused) loads as it is, and equal to that class within
+float rounding (tested); it spares every process the seconds transformers takes to import.
+`features` reproduces the official S2V path:
 
 1. per-utterance zero-mean / unit-variance normalisation (the folder's feature extractor);
 2. one wav2vec2 pass over the whole utterance; the 25 layer states are stacked: index 0 = input to
    layer 1 (feature projection + positional conv), 1..23 = outputs of layers 1..23, 24 = output of
-   layer 24 *after* the final encoder LayerNorm. (transformers >= 5 reports the un-normalised layer-24
-   output as its last `hidden_states` entry; the official code ran 4.51, where it was normalised, so
-   the last entry is taken from `last_hidden_state` instead.)
+   layer 24 *after* the final encoder LayerNorm, as transformers 4.51 (the official run) reported
+   them with `output_hidden_states=True`;
 3. linear resampling 50 Hz -> 30 Hz: `F.interpolate(linear, align_corners=True)` to
    T30 = int(T50 / 50 · 30) frames, in the model dtype;
 4. video frame n takes the 30 Hz feature at round(n · 30 / fps) (numpy rounding of the official
@@ -36,11 +37,6 @@ from liveavatar.config import AudioConfig
 from liveavatar.errors import UserError
 
 SAMPLE_RATE = 16000
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
-# Checkpoint entries that inference does not use: the CTC head and the SpecAugment mask vector.
-_UNUSED_KEYS = ("lm_head.", "masked_spec_embed")
-
 
 def conv_geometry(kernels, strides) -> tuple[int, int]:
     """(receptive field, total stride) in samples of a stack of unpadded 1-D convolutions."""
@@ -100,7 +96,8 @@ def bucket_features(feat: torch.Tensor, num_video_frames: int, fps: int, interp_
 
 
 def wav2vec2_config(cfg: AudioConfig):
-    """A stable-layer-norm `Wav2Vec2Config` (the large-xlsr layout) with AudioConfig's sizes."""
+    """transformers' `Wav2Vec2Config` of the same layout (stable layer norm, the large-xlsr one), for
+    writing folders in the official format and for parity tests; the engine itself does not use it."""
     from transformers import Wav2Vec2Config
 
     return Wav2Vec2Config(
@@ -109,102 +106,226 @@ def wav2vec2_config(cfg: AudioConfig):
         conv_dim=list(cfg.conv_dim), conv_kernel=list(cfg.conv_kernel), conv_stride=list(cfg.conv_stride),
         num_conv_pos_embeddings=cfg.num_conv_pos_embeddings,
         num_conv_pos_embedding_groups=cfg.num_conv_pos_embedding_groups,
-        do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True,
+        do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=cfg.conv_bias,
+        layer_norm_eps=cfg.layer_norm_eps,
     )
 
 
-def _feature_extractor(do_normalize: bool = True):
-    from transformers import Wav2Vec2FeatureExtractor
+# ---------------------------------------------------------------------------------------------
+# The wav2vec2 encoder (stable-layer-norm layout). Module names are the checkpoint keys of
+# transformers' `Wav2Vec2Model`, so a folder's state dict loads as it is; parity with that class is
+# tested (tests/unit/test_audio.py). Dropout, SpecAugment masking, padding masks and the CTC head are
+# training or batching features that inference does not use, so they are absent.
 
-    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
-                                    do_normalize=do_normalize, return_attention_mask=True)
+
+class _ConvLayer(nn.Module):
+    """Conv1d, LayerNorm over channels (eps 1e-5 whatever the config says, as in transformers), GELU."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, bias: bool):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride, bias=bias)
+        self.layer_norm = nn.LayerNorm(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, T] -> [B, C', T']
+        return F.gelu(self.layer_norm(self.conv(x).transpose(1, 2)).transpose(1, 2))
+
+
+class _FeatureEncoder(nn.Module):
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        dims = (1, *cfg.conv_dim)
+        self.conv_layers = nn.ModuleList(
+            _ConvLayer(dims[i], dims[i + 1], k, s, cfg.conv_bias)
+            for i, (k, s) in enumerate(zip(cfg.conv_kernel, cfg.conv_stride, strict=True)))
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B, C, T50]
+        x = wave[:, None]
+        for layer in self.conv_layers:
+            x = layer(x)
+        return x
+
+
+class _FeatureProjection(nn.Module):
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.layer_norm_eps)
+        self.projection = nn.Linear(cfg.conv_dim[-1], cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, T, H]
+        return self.projection(self.layer_norm(x))
+
+
+class _PositionalConv(nn.Module):
+    """Grouped Conv1d over time with weight normalisation (over all dims but the kernel's), 'same'
+    length (an even kernel drops its last output), GELU."""
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        k = cfg.num_conv_pos_embeddings
+        conv = nn.Conv1d(cfg.hidden_size, cfg.hidden_size, k, padding=k // 2,
+                         groups=cfg.num_conv_pos_embedding_groups)
+        self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self.drop_last = k % 2 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
+        y = self.conv(x.transpose(1, 2))
+        if self.drop_last:
+            y = y[:, :, :-1]
+        return F.gelu(y).transpose(1, 2)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H]
+        b, t, d = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.intermediate_dense = nn.Linear(dim, hidden)
+        self.output_dense = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_dense(F.gelu(self.intermediate_dense(x)))
+
+
+class _Layer(nn.Module):
+    """Pre-norm transformer layer: x + attn(LN(x)), then + ffn(LN(.))."""
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.attention = _Attention(d, cfg.num_attention_heads)
+        self.layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.feed_forward = _FeedForward(d, cfg.intermediate_size)
+        self.final_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.layer_norm(x))
+        return x + self.feed_forward(self.final_layer_norm(x))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.pos_conv_embed = _PositionalConv(cfg)
+        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class Wav2Vec2(nn.Module):
+    """wav2vec2 (stable layer norm, e.g. wav2vec2-large-xlsr-53) returning every hidden state the S2V
+    audio path uses. `config` is the AudioConfig it was built from."""
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise UserError(f"wav2vec2 hidden_size {cfg.hidden_size} is not a multiple of "
+                            f"num_attention_heads {cfg.num_attention_heads}; fix the folder's config.json")
+        self.config = cfg
+        self.feature_extractor = _FeatureEncoder(cfg)
+        self.feature_projection = _FeatureProjection(cfg)
+        self.encoder = _Encoder(cfg)
+
+    def forward(self, wave: torch.Tensor) -> list[torch.Tensor]:
+        """wave: [B, S] normalised samples -> num_hidden_layers + 1 states [B, T50, H]: the input of
+        layer 1 (projection + positional conv), the outputs of layers 1..L-1, and the output of layer L
+        after the final LayerNorm (what transformers 4.51, the official run, reported)."""
+        x = self.feature_projection(self.feature_extractor(wave).transpose(1, 2))
+        x = x + self.encoder.pos_conv_embed(x)
+        states = [x]
+        for layer in self.encoder.layers:
+            x = layer(x)
+            states.append(x)
+        states[-1] = self.encoder.layer_norm(x)
+        return states
+
+
+def _random_init(model: Wav2Vec2, generator: torch.Generator) -> None:
+    """Deterministic random weights: linears normal(0, 0.02), convs normal(0, sqrt(2 / fan_in)), norms
+    1 and 0, biases 0; the positional conv's weight-norm magnitude is the norm of its direction."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name.split(".")[-2]:
+                p.fill_(1.0)
+            elif name.endswith("original0"):
+                continue  # set from original1 below
+            else:
+                fan_in = p[0].numel() if p.dim() > 1 else 1
+                std = 0.02 if p.dim() == 2 else (2.0 / fan_in) ** 0.5
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+        conv = model.encoder.pos_conv_embed.conv.parametrizations.weight
+        v = conv.original1
+        conv.original0.copy_(torch.linalg.vector_norm(v, dim=(0, 1), keepdim=True))
 
 
 class AudioEncoder(nn.Module):
     """wav2vec2 + the official feature resampling. Move it with `.to(device, dtype)` like any module."""
 
-    def __init__(self, model, extractor, feature_rate: int = 50, interp_rate: int = 30):
+    def __init__(self, model: Wav2Vec2, do_normalize: bool = True, feature_rate: int = 50, interp_rate: int = 30):
         super().__init__()
-        self.model = model.eval().requires_grad_(False)  # transformers Wav2Vec2Model
-        self.extractor = extractor  # Wav2Vec2FeatureExtractor (normalisation settings)
+        self.model = model.eval().requires_grad_(False)
+        self.do_normalize = do_normalize  # the folder's feature extractor setting (true for the official one)
         self.feature_rate, self.interp_rate = feature_rate, interp_rate
         c = model.config
         self.receptive_field, self.hop = conv_geometry(c.conv_kernel, c.conv_stride)
 
     @classmethod
     def from_folder(cls, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> AudioEncoder:
-        """Load a Hugging Face wav2vec2 folder (e.g. `<ckpt>/wav2vec2-large-xlsr-53-english`)."""
-        folder = Path(path)
-        expected = ("config.json, preprocessor_config.json and the model weights "
-                    "(model.safetensors or pytorch_model.bin), as in <checkpoint>/wav2vec2-large-xlsr-53-english")
-        if not folder.is_dir():
-            raise UserError(f"wav2vec2 folder {folder} does not exist; it must hold {expected}")
-        absent = [f for f in ("config.json", "preprocessor_config.json") if not (folder / f).is_file()]
-        if not any((folder / f).is_file() for f in _WEIGHT_FILES):
-            absent.append("model weights")
-        if absent:
-            raise UserError(f"wav2vec2 folder {folder} lacks {', '.join(absent)}; it must hold {expected}")
-        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
-        from transformers.utils import logging as hf_logging
+        """Load a Hugging Face wav2vec2 folder (e.g. `<ckpt>/wav2vec2-large-xlsr-53-english`): its
+        config.json, preprocessor_config.json and weights (model.safetensors or pytorch_model.bin,
+        either possibly sharded with an index; a `Wav2Vec2ForCTC` folder's `wav2vec2.` prefix and
+        CTC head are handled). Every problem is a one-line UserError."""
+        from liveavatar.io.checkpoint import load_wav2vec2
 
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # we report missing weights ourselves; the CTC head is expected extra
-        try:
-            model, info = Wav2Vec2Model.from_pretrained(str(folder), output_loading_info=True)
-            extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder))
-        except Exception as exc:  # any loader failure is reported the same way
-            reason = " ".join(str(exc).split())[:300]
-            raise UserError(f"wav2vec2 folder {folder} could not be loaded ({type(exc).__name__}: {reason}); "
-                            f"it must hold {expected}") from exc
-        finally:
-            hf_logging.set_verbosity(level)
-        missing = sorted(k for k in info["missing_keys"] if not k.startswith(_UNUSED_KEYS))
-        unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(_UNUSED_KEYS))
-        bad = missing + unused + sorted(str(k) for k in info["mismatched_keys"])
-        if bad:
-            raise UserError(f"wav2vec2 weights in {folder} do not match its config.json ({len(missing)} missing, "
-                            f"{len(unused)} unused, {len(info['mismatched_keys'])} mis-shaped; first: {bad[0]}); "
-                            f"re-download the folder")
-        if extractor.sampling_rate != SAMPLE_RATE:
-            raise UserError(f"wav2vec2 folder {folder} expects {extractor.sampling_rate} Hz audio; "
-                            f"this engine feeds {SAMPLE_RATE} Hz, use a 16 kHz wav2vec2 checkpoint")
-        return cls(model.to(dtype), extractor)
+        model, do_normalize = load_wav2vec2(path, dtype)
+        return cls(model, do_normalize)
 
     @classmethod
     def random(cls, cfg: AudioConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> AudioEncoder:
         """Seeded random weights (the `tiny` preset); leaves the global RNG untouched."""
-        from transformers import Wav2Vec2Model
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = Wav2Vec2Model(wav2vec2_config(cfg))
-        return cls(model.to(dtype), _feature_extractor(), cfg.feature_rate, cfg.interp_rate)
+        model = Wav2Vec2(cfg)
+        _random_init(model, torch.Generator().manual_seed(seed))
+        return cls(model.to(dtype), True, cfg.feature_rate, cfg.interp_rate)
 
     @property
     def num_states(self) -> int:
         return self.model.config.num_hidden_layers + 1
 
     def normalize(self, wave_16k: np.ndarray) -> np.ndarray:
-        """The feature extractor's per-utterance normalisation. [S] -> [S] float32."""
+        """The feature extractor's per-utterance normalisation, in float32 as transformers' extractor
+        computes it: (x - mean) / sqrt(var + 1e-7). [S] -> [S] float32."""
         wave = np.asarray(wave_16k, dtype=np.float32)
         if wave.ndim != 1:
             raise UserError(f"audio must be mono 1-D samples, got an array of shape {wave.shape}; downmix it first")
         if len(wave) < self.receptive_field + self.hop:
             raise UserError(f"audio has {len(wave)} samples at 16 kHz, fewer than the "
                             f"{self.receptive_field + self.hop} wav2vec2 needs; use a longer audio file")
-        return self.extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np").input_values[0]
+        if not self.do_normalize:
+            return wave.copy()
+        return (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)
 
     @torch.no_grad()
     def encode(self, samples: np.ndarray) -> torch.Tensor:
         """One wav2vec2 pass over normalised samples [S] -> stacked states [25, T50, H] (model dtype)."""
         p = next(self.model.parameters())
         x = torch.from_numpy(np.ascontiguousarray(samples))[None].to(p.device, p.dtype)  # [1, S]
-        out = self.model(x, output_hidden_states=True)
-        states = out.hidden_states
-        if len(states) != self.num_states:
-            raise RuntimeError(f"expected {self.num_states} wav2vec2 hidden states, got {len(states)}")
-        # Index 24 must be the final-LayerNorm output (see the module docstring).
-        return torch.cat([*states[:-1], out.last_hidden_state])
+        with nn.utils.parametrize.cached():  # the positional conv's weight is normalised once per call
+            return torch.cat(self.model(x))
 
     def features(self, wave_16k: np.ndarray, num_video_frames: int | None = None, fps: int = 25,
                  infer_frames: int = 48) -> torch.Tensor:
@@ -224,6 +345,6 @@ class AudioEncoder(nn.Module):
 
 
 __all__ = [
-    "AudioEncoder", "SAMPLE_RATE", "bucket_features", "conv_frames", "conv_geometry", "frame_feature_indices",
-    "num_clips_for_audio", "resample_features", "resampled_len", "wav2vec2_config",
+    "AudioEncoder", "SAMPLE_RATE", "Wav2Vec2", "bucket_features", "conv_frames", "conv_geometry",
+    "frame_feature_indices", "num_clips_for_audio", "resample_features", "resampled_len", "wav2vec2_config",
 ]

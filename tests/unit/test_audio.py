@@ -1,11 +1,14 @@
 """wav2vec2 audio features.
 
 - The 25 stacked states are what the official code (transformers 4.51) got: checked against a manual
-  walk through the model's submodules, with the final LayerNorm on index 24 only.
+  walk through the model's submodules, with the final LayerNorm on index 24 only, and against
+  transformers' own `Wav2Vec2Model` and feature extractor carrying the same weights (bit-identical).
 - Normalisation, 50 -> 30 Hz resampling and per-video-frame bucketing equal independent numpy code
   (exact rational rounding, explicit linear interpolation).
 - A tiny model saved as `Wav2Vec2ForCTC` (like the real folder) loads through `from_folder` and gives
-  identical features; missing folders, files or weights are `UserError`s.
+  identical features, also from `pytorch_model.bin` with the old weight-norm names and from sharded
+  weights with an index; missing folders, files or weights, other layouts and damaged settings are
+  one-line `UserError`s.
 - Clip counts for several lengths, worked out by hand from the conv arithmetic; the windowed stream
   over one window equals one pass at the fixed rate.
 """
@@ -170,8 +173,11 @@ def _save_ctc_folder(enc, path, drop_key=None):
     from safetensors.torch import load_file, save_file
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
-    ctc = Wav2Vec2ForCTC(enc.model.config)
-    ctc.wav2vec2.load_state_dict(enc.model.state_dict())
+    from liveavatar.models.wav2vec2 import wav2vec2_config
+
+    ctc = Wav2Vec2ForCTC(wav2vec2_config(enc.model.config))
+    missing, unexpected = ctc.wav2vec2.load_state_dict(enc.model.state_dict(), strict=False)
+    assert missing == ["masked_spec_embed"] and not unexpected  # the training-only SpecAugment vector
     ctc.save_pretrained(str(path))
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                              return_attention_mask=True).save_pretrained(str(path))
@@ -181,18 +187,76 @@ def _save_ctc_folder(enc, path, drop_key=None):
     if drop_key:
         del sd[drop_key]
         save_file(sd, str(weights), metadata={"format": "pt"})
+    return sd
+
+
+def test_parity_with_transformers(enc):
+    """transformers' Wav2Vec2Model and feature extractor with our weights give the same normalised
+    samples and the same 25 states (index 24 from last_hidden_state, as 4.51 reported it)."""
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    from liveavatar.models.wav2vec2 import wav2vec2_config
+
+    hf = Wav2Vec2Model(wav2vec2_config(CFG)).eval()
+    missing, unexpected = hf.load_state_dict(enc.model.state_dict(), strict=False)
+    assert missing == ["masked_spec_embed"] and not unexpected
+    ext = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True)
+    for n, seed in ((N_SAMPLES, 0), (16000 + 123, 1)):
+        w = _wave(n, seed) * (1 + seed)
+        x = ext(w, sampling_rate=16000, return_tensors="np").input_values[0]
+        assert np.array_equal(enc.normalize(w), x)
+        with torch.no_grad():
+            out = hf(torch.from_numpy(x)[None], output_hidden_states=True)
+        ref = torch.cat([*out.hidden_states[:-1], out.last_hidden_state])
+        torch.testing.assert_close(enc.encode(x), ref, rtol=0, atol=1e-6)
 
 
 def test_from_folder_roundtrip(enc, tmp_path):
     _save_ctc_folder(enc, tmp_path / "w2v")
     loaded = AudioEncoder.from_folder(tmp_path / "w2v", dtype=torch.float32)
+    assert loaded.model.state_dict().keys() == enc.model.state_dict().keys()
     for name, p in enc.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], p), name
     w = _wave()
     assert torch.equal(loaded.features(w), enc.features(w))
 
 
+def test_from_folder_bin_old_names_and_shards(enc, tmp_path):
+    """pytorch_model.bin with the pre-parametrisation weight-norm names (weight_g, weight_v), as older
+    copies of the official folder hold, and safetensors shards listed by an index load the same."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    sd = _save_ctc_folder(enc, tmp_path / "st")
+    old = {k.replace("parametrizations.weight.original0", "weight_g").replace(
+        "parametrizations.weight.original1", "weight_v"): v for k, v in sd.items()}
+    assert "wav2vec2.encoder.pos_conv_embed.conv.weight_g" in old
+    shutil.copytree(tmp_path / "st", tmp_path / "bin")
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    torch.save(old, tmp_path / "bin" / "pytorch_model.bin")
+    shutil.copytree(tmp_path / "st", tmp_path / "shards")
+    (tmp_path / "shards" / "model.safetensors").unlink()
+    keys = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(tmp_path / "shards" / name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, name)
+    (tmp_path / "shards" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    w = _wave()
+    for folder in ("bin", "shards"):
+        loaded = AudioEncoder.from_folder(tmp_path / folder, dtype=torch.float32)
+        assert torch.equal(loaded.features(w), enc.features(w)), folder
+    half = AudioEncoder.from_folder(tmp_path / "bin", dtype=torch.bfloat16)
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+
+
 def test_from_folder_errors(enc, tmp_path):
+    import json
+    import shutil
+
     with pytest.raises(UserError, match="does not exist"):
         AudioEncoder.from_folder(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
@@ -201,6 +265,42 @@ def test_from_folder_errors(enc, tmp_path):
     _save_ctc_folder(enc, tmp_path / "holed", drop_key="wav2vec2.encoder.layers.3.attention.q_proj.weight")
     with pytest.raises(UserError, match=r"1 missing.*encoder.layers.3.attention.q_proj.weight"):
         AudioEncoder.from_folder(tmp_path / "holed")
+    _save_ctc_folder(enc, tmp_path / "good")
+    conf = json.loads((tmp_path / "good" / "config.json").read_text())
+    pre = json.loads((tmp_path / "good" / "preprocessor_config.json").read_text())
+    cases = [
+        ("config.json", conf | {"do_stable_layer_norm": False}, r"sets do_stable_layer_norm=False; this engine runs"),
+        ("config.json", {k: v for k, v in conf.items() if k != "feat_extract_norm"},
+         r"sets feat_extract_norm='group'"),  # transformers' default for a field left out
+        ("config.json", conf | {"hidden_size": "32"}, r"sets hidden_size='32', which is not a positive integer"),
+        ("config.json", conf | {"conv_kernel": [10, 3]}, r"conv_dim, conv_kernel and conv_stride of different"),
+        ("config.json", conf | {"num_attention_heads": 3}, r"hidden_size=32, not a multiple of num_attention_heads"),
+        ("config.json", conf | {"num_hidden_layers": 3}, r"do not match its config.json \(0 missing, 336 unused"),
+        ("config.json", conf | {"intermediate_size": 48}, r"0 missing, 0 unused, 72 mis-shaped"),
+        ("config.json", [1, 2], r"holds a JSON list, not an object"),
+        ("config.json", "{", r"is not valid JSON"),
+        ("preprocessor_config.json", pre | {"sampling_rate": 8000}, r"expects 8000 Hz audio; this engine feeds 16000"),
+        ("preprocessor_config.json", pre | {"do_normalize": "yes"}, r"do_normalize='yes', which is not true or false"),
+    ]
+    for i, (name, value, message) in enumerate(cases):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(tmp_path / "good", bad)
+        (bad / name).write_text(value if isinstance(value, str) else json.dumps(value))
+        with pytest.raises(UserError, match=message):
+            AudioEncoder.from_folder(bad)
+    (tmp_path / "good" / "model.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(UserError, match="wav2vec2 weights in .* cannot be read"):
+        AudioEncoder.from_folder(tmp_path / "good")
+
+
+def test_nonfinite_weights_are_refused(enc, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = _save_ctc_folder(enc, tmp_path / "w2v")
+    sd["wav2vec2.encoder.layers.0.feed_forward.output_dense.weight"][0, 0] = float("nan")
+    save_file(sd, str(tmp_path / "w2v" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"layers.0.feed_forward.output_dense.weight holds 1 NaN"):
+        AudioEncoder.from_folder(tmp_path / "w2v", dtype=torch.float32)
 
 
 def test_bad_waves(enc):
@@ -208,6 +308,17 @@ def test_bad_waves(enc):
         enc.features(np.zeros((2, 16000), np.float32))
     with pytest.raises(UserError, match="samples"):
         enc.features(np.zeros(500, np.float32))
+
+
+def test_importing_the_engine_does_not_import_transformers():
+    """transformers takes seconds to import; the tiny pipeline and the audio path never need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from liveavatar import Pipeline; from liveavatar.cli import main; "
+            "p = Pipeline.tiny(); print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_random_is_seeded():
