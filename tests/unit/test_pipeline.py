@@ -122,3 +122,18 @@ def test_random_weights_pipeline_is_seeded_and_runs(inputs):
         assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in p.dit.parameters())
         runs.append(torch.cat(list(p.session(inputs[0], inputs[1], "a person talking", opts).latents()), dim=2))
     assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("size", [(128, 128), (192, 320)])
+def test_reference_latent_is_taken_from_the_motion_encode_bit_for_bit(pipe, size):
+    """The session reuses latent 1 of the motion frames' encode as the reference latent; it equals
+    encoding the image repeated over 5 frames (what the official code does) exactly."""
+    from liveavatar.engine.conditioning import encode_conditioning
+
+    h, w = size
+    ref = torch.rand(3, h, w, generator=torch.Generator().manual_seed(h)) * 2 - 1
+    cond = encode_conditioning(pipe, ref, "a person talking")
+    with torch.no_grad():
+        direct = pipe.vae.encode(ref[None, :, None].expand(1, 3, 5, -1, -1))[:, :, 1:2]
+    assert cond.ref_latent.shape == direct.shape and torch.equal(cond.ref_latent, direct)
+    assert cond.ref_latent.untyped_storage().data_ptr() != cond.motion_latents.untyped_storage().data_ptr()
