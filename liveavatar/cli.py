@@ -710,9 +710,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--dump_chunks", default=None, metavar="DIR",
                    help="also write each chunk's raw frames and audio (before encoding) to DIR/chunk-<block>.npz")
     _add_runtime_flags(p)
-    p.add_argument("--compile", action="store_true",
-                   help="compile each transformer block with torch.compile (fullgraph; off by default: not yet "
-                        "measured faster on a GPU, and compiling takes minutes on a CPU)")
+    _add_compile_flag(p)
     p.add_argument("--gpu_memory", type=float, default=None,
                    help="GiB (2^30 bytes) of GPU memory to use (caps the allocator; default: the whole GPU)")
     p.add_argument("--offload_kv_cache", action="store_true", help="keep every KV cache in host memory "
@@ -803,9 +801,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         why = f"{args.max_active} sessions (--max_active)"
     limits = Limits(max_active=args.max_active, max_seconds=args.max_seconds, idle_timeout=args.idle_timeout,
                     max_lead=args.max_lead, max_area=max_area)
-    print(f"serving {preset.name} on http://{args.host}:{args.port}/; at once: {why}", file=sys.stderr, flush=True)
+    compiled = "; transformer blocks compiled (a size's first block waits for it)" if args.compile else ""
+    print(f"serving {preset.name} on http://{args.host}:{args.port}/; at once: {why}{compiled}", file=sys.stderr,
+          flush=True)
     serve(LiveEngine(pipe, limits), args.host, args.port, token)
     return 0
+
+
+def _add_compile_flag(p: argparse.ArgumentParser, per_size: bool = False) -> None:
+    extra = " Each video size compiles once, when a session first uses it." if per_size else ""
+    p.add_argument("--compile", action="store_true",
+                   help="compile each transformer block with torch.compile (fullgraph; off by default: not yet "
+                        "measured faster on a GPU, and compiling takes minutes on a CPU)." + extra)
 
 
 def _add_serve(sub) -> None:
@@ -828,6 +835,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--idle_timeout", type=float, default=300.0,
                    help="seconds without a client message before a session is closed")
     _add_runtime_flags(p)
+    _add_compile_flag(p, per_size=True)
     p.set_defaults(func=_cmd_serve)
 
 
@@ -858,6 +866,7 @@ def _add_ui(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     _add_runtime_flags(p)
+    _add_compile_flag(p, per_size=True)
     p.set_defaults(func=_cmd_ui)
 
 

@@ -46,8 +46,10 @@ class CompiledBlockForward:
 def apply_compile(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> nn.Module:
     """Compile each block of `model` (`fullgraph=True`) in place; `backend`, `mode`: as `torch.compile`
     takes them (e.g. "reduce-overhead" for CUDA graphs). Returns `model`."""
-    steady = torch.compile(_steady, fullgraph=True, backend=backend, mode=mode)
-    filling = torch.compile(_filling, fullgraph=True, backend=backend, mode=mode)
+    # dynamic=False: each video size gets its own static graphs (a server whose sessions ask for
+    # several sizes compiles each size once) rather than one symbolic-shape graph after the second.
+    steady = torch.compile(_steady, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    filling = torch.compile(_filling, fullgraph=True, dynamic=False, backend=backend, mode=mode)
     for block in model.blocks:
         block.forward = CompiledBlockForward(block, steady, filling)
     return model

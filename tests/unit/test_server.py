@@ -179,6 +179,44 @@ def test_websocket_stream_equals_generate(server, tmp_path):
     assert speaking[0] and not speaking[-1]  # the speech, then the avatar idles on
 
 
+def _speak_whole_file(srv: Server, seed: int, frames: int) -> tuple[np.ndarray, list]:
+    """A session that gets the example speech at once and ends it; its first `frames` frames."""
+    info = srv.create({"seed": seed, "wait_for_speech": True})
+    pcm = _pcm16(media.load_audio(media.example_audio_path()))
+
+    async def client():
+        data, events = bytearray(), []
+        async with websockets.connect(srv.ws_url(info), max_size=None) as ws:
+            await ws.send(pcm.tobytes())
+            await ws.send(json.dumps({"type": "end"}))
+            await _receive(ws, data, events, lambda ev: _frames_sent(ev) >= frames)
+            await ws.send(json.dumps({"type": "close"}))
+        return bytes(data), events
+
+    data, events = asyncio.run(client())
+    return _decode(data)[0][:frames], events
+
+
+def test_compiled_server_streams_the_eager_video(server):
+    """`serve --compile`: the transformer blocks run compiled (inductor) and the stream is the eager
+    server's video within float rounding. Compiled kernels sum in another order (~1e-6 relative), which
+    H.264 turns into re-decided macroblocks: a fraction of a level on average (eager vs eager is
+    bit-identical, see above, so a difference also shows the compiled path ran)."""
+    compiled = Server("--max_active", "1", "--compile")
+    try:
+        got, events = _speak_whole_file(compiled, 11, 60)
+        log = compiled.output()
+    finally:
+        compiled.stop()
+    want, _ = _speak_whole_file(server, 11, 60)
+    assert got.shape == want.shape
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert 0 < diff.mean() < 1.0, (diff.mean(), diff.max())
+    assert (diff.mean(axis=(1, 2, 3)) < 4).all()  # no frame drifts off
+    assert any(e["type"] == "block" and e["speaking"] for e in events)
+    assert "compiled" in log
+
+
 def test_silence_then_speech_then_barge_in(server):
     """Frames keep coming with no speech; speech is picked up at a block boundary; after a barge-in
     the audio track holds none of the dropped speech."""
