@@ -219,8 +219,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from liveavatar.distributed.launch import in_torchrun
 
     if in_torchrun():
-        if args.compile:
-            raise UserError("--compile is for single-process runs for now; run the torchrun command without it")
         if args.resume:
             raise UserError("--resume is for single-process runs; a torchrun generation cannot be resumed: "
                             "run it again without --resume")

@@ -79,6 +79,7 @@ class RankJob:
     build_pipe: Callable  # (role, place_dit) -> Pipeline on this rank's device
     check_output: Callable | None = None  # the decoding rank's output check, before any model loads
     say: Callable[[str], None] = lambda line: None  # rank 0's lines for the user
+    compile_backend: str | None = None  # compile the stage's transformer blocks with this torch.compile backend
 
 
 def run_rank(job: RankJob, on_geometry: Callable[[int, int], Callable[[Chunk], None]] | None = None
@@ -99,6 +100,10 @@ def run_rank(job: RankJob, on_geometry: Callable[[int, int], Callable[[Chunk], N
     groups = launch.stage_groups(layout)
     pipe = job.build_pipe(role, not (layout.shard_weights and role.stage is not None))
     split_dit(pipe, layout, role, groups, pipe.device)
+    if job.compile_backend and role.stage is not None:
+        from liveavatar.runtime.compile import apply_compile
+
+        apply_compile(pipe.dit, backend=job.compile_backend)
     cond, frontend = None, None
     if role.frontend:
         for line in inputs.warnings():
@@ -173,7 +178,8 @@ def generate(args, preset, opts, image: str, audio: str, make_output, runtime, s
             return out
 
         job = RankJob(layout, rank, opts, image, audio, args.prompt, build_pipe, check_output,
-                      lambda line: print(line, file=sys.stderr))
+                      lambda line: print(line, file=sys.stderr),
+                      compile_backend="inductor" if getattr(args, "compile", False) else None)
         t0 = time.time()
         stats, _ = run_rank(job, on_geometry)
         if role.decodes:

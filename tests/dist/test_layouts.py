@@ -94,3 +94,35 @@ def test_layout_gives_the_single_process_video(files, reference, name):
         role = layout.role(i)
         if role.stage is not None:
             assert r["stats"]["blocks"] == 5 and r["stats"]["refresh_compute"] > 0, (i, r["stats"])
+
+
+def compiled_rank_main(rank, world, layout, files, opts):
+    """One rank with its stage's blocks compiled (aot_eager: dynamo's graph capture, no code generation)."""
+    from torch._dynamo.utils import counters
+
+    from liveavatar.distributed.generate import RankJob, run_rank
+    from liveavatar.engine.pipeline import Pipeline
+
+    chunks = []
+    counters.clear()
+    job = RankJob(layout, rank, opts, files[0], files[1], PROMPT,
+                  lambda role, place_dit: Pipeline.tiny(seed=0, place_dit=place_dit), compile_backend="aot_eager")
+    run_rank(job, lambda h, w: chunks.append)
+    return {"chunks": [(c.index, c.frame_start, c.frames, c.audio) for c in chunks],
+            "graph_breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"]["unique_graphs"]}
+
+
+@pytest.mark.parametrize("name", ["pipeline 2 + decode rank", "ulysses 2 + sharded weights"])
+def test_compiled_layout_gives_the_single_process_video(files, reference, name):
+    """`--compile` under torchrun: each denoise rank's blocks compile whole (no graph break, with the
+    sequence-parallel all-to-alls inside the graph) and the video is the single-process one, up to
+    float rounding (compiled graphs sum in another order: a few 8-bit values move by one)."""
+    layout = LAYOUTS[name].check(num_heads=4)
+    results = run_ranks(compiled_rank_main, layout.world, layout, files, OPTS, timeout=600)
+    frames = np.concatenate([c[2] for c in results[layout.decoder]["chunks"]])
+    assert frames.shape == reference[0].shape
+    diff = np.abs(frames.astype(int) - reference[0].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # float rounding flips a few 8-bit values
+    for i, r in enumerate(results):
+        if layout.role(i).stage is not None:
+            assert r["graph_breaks"] == 0 and r["graphs"] == 2, (i, r)
