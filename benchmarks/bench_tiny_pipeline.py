@@ -46,7 +46,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         session = pipe.session(inputs, prompt="a person talking", options=opts)
-        t["encode: session setup (text + VAE encode of ref and motion + sink prefill)"] = time.perf_counter() - t0
+        t["encode: session setup (text, VAE encode of the motion frames, sink prefill)"] = time.perf_counter() - t0
 
         dit_time = 0.0
         latents = []
