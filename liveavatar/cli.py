@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from liveavatar.config import PRESETS
-from liveavatar.errors import UserError
+from liveavatar.errors import Terminated, UserError
 
 MAX_SEED = 2**63 - 1  # --base_seed; the seed of clip r is (seed + r) mod 2^63
 MAX_GPUS = 1024  # `plan --gpus`
@@ -135,11 +135,13 @@ def _check_fits(args, preset, runtime, device: str, height: int, width: int, inf
     return table, p.config
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that a run stops like on Ctrl-C: cleanly, keeping its files."""
-
-
 def _on_sigterm(signum, frame):
+    from liveavatar.render import STOP
+
+    if STOP.request():  # a render with checkpoints is making blocks: it stops after this one, saved
+        print("SIGTERM: stopping after this block, with a checkpoint (send SIGTERM again to stop at once)",
+              file=sys.stderr, flush=True)
+        return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup that follows must not be cut short
     raise Terminated()
 
@@ -376,6 +378,8 @@ def _generate(args, preset, job, saved, start: float) -> int:
         partial = render.partial_path if render is not None else None
         kept = (f"the partial video {str(partial)!r} plays its {render.frames} frames" if partial
                 else "nothing was written")
+        if partial and render.stopped_with_checkpoint:
+            kept += "; run the same command with --resume to continue it"
         print(f"error: stopped by {name}; {kept}", file=sys.stderr)
         return code
     except torch.OutOfMemoryError:

@@ -11,3 +11,7 @@ class UserError(Exception):
     def __init__(self, message: str, code: int = 2):
         super().__init__(message)
         self.code = code
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a run stops like on Ctrl-C: cleanly, keeping its files."""

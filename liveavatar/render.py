@@ -34,12 +34,34 @@ from liveavatar.engine.resume import (
     states_beside,
 )
 from liveavatar.engine.session import GenerationOptions, Inputs, Session
-from liveavatar.errors import UserError
+from liveavatar.errors import Terminated, UserError
 from liveavatar.io import media
 from liveavatar.io.mp4 import MP4Writer, read_comment
 from liveavatar.io.output import OutputFile
 
 DONE = "done"
+
+
+class StopAtBlock:
+    """A SIGTERM that arrives while a render with checkpoints makes blocks (a cluster preempting the
+    job, `kill`) does not cut the block short: the render finishes it, saves a checkpoint and then
+    stops (raising `Terminated`), so `--resume` loses nothing. A second SIGTERM, or one outside the
+    block loop (setup, a render without checkpoints), stops at once as before; the checkpoint written
+    before stays valid either way (states are written atomically)."""
+
+    def __init__(self):
+        self.armed = False
+        self.requested = False
+
+    def request(self) -> bool:
+        """Ask the armed render to stop after its block; False if none is armed or it was asked before."""
+        if not self.armed or self.requested:
+            return False
+        self.requested = True
+        return True
+
+
+STOP = StopAtBlock()  # the signal handler of the CLI asks it; `Render.run` arms it
 
 
 @dataclass
@@ -122,6 +144,7 @@ class Render:
         self.session: Session | None = None
         self.first_frame: float | None = None
         self.path: Path | None = None  # the published video
+        self.stopped_with_checkpoint = False  # stopped by a SIGTERM after saving the state of its last block
 
     @property
     def partial_path(self) -> Path | None:
@@ -163,6 +186,7 @@ class Render:
                        dynamic_ncols=True, desc=self.desc)
             t1, made = time.time(), 0
             self.checkpoints.t0 = time.perf_counter()
+            STOP.armed, STOP.requested = self.checkpoints.every != 0, False
             try:
                 for chunk in session:
                     self.writer.write(chunk.frames, chunk.audio)
@@ -172,15 +196,20 @@ class Render:
                     self.frames += len(chunk.frames)
                     made += len(chunk.frames)
                     self.blocks += 1
-                    if not session.done and self.checkpoints.due(self.blocks,
-                                                                 lambda: state_nbytes(session.state_dict())):
+                    stop = STOP.requested and not session.done
+                    if not session.done and (stop or self.checkpoints.due(
+                            self.blocks, lambda: state_nbytes(session.state_dict()))):
                         failed = self.checkpoints.save(state_path(self.writer.partial_path), job.identity,
                                                        self.writer.checkpoint(), session.state_dict())
                         if failed:
                             bar.write(f"warning: {failed}", file=sys.stderr)
+                        self.stopped_with_checkpoint = stop and not failed
                     bar.set_postfix_str(f"{self.frames} frames, {made / (time.time() - t1):.2f} fps")
                     bar.update(1)
+                    if stop:
+                        raise Terminated()
             finally:
+                STOP.armed = STOP.requested = False
                 bar.close()  # ends its line: any message after it stands alone
             partial = self.writer.partial_path
             path = self.writer.close()
@@ -214,4 +243,4 @@ def read_dump(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return (np.concatenate([p["frames"] for p in parts]), np.concatenate([p["audio"] for p in parts]))
 
 
-__all__ = ["DONE", "Job", "Render", "dump_chunk", "fix_seed", "locate", "read_dump"]
+__all__ = ["DONE", "STOP", "Job", "Render", "StopAtBlock", "dump_chunk", "fix_seed", "locate", "read_dump"]

@@ -139,8 +139,8 @@ class InputRefused(UserError):
 def generate(args, preset, opts, image: str, audio: str, make_output, runtime, start: float) -> int:
     """One rank's part of `liveavatar generate`; returns the exit code. `make_output()` checks and
     returns the OutputFile (called on the decoding rank only)."""
-    from liveavatar.cli import Terminated
     from liveavatar.engine.pipeline import Pipeline
+    from liveavatar.errors import Terminated
     from liveavatar.io import media
     from liveavatar.io.mp4 import MP4Writer
 

@@ -67,8 +67,8 @@ def _start(argv, preexec_fn=None, **kw) -> subprocess.Popen:
         if preexec_fn is not None:
             preexec_fn()
 
-    return subprocess.Popen(argv, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=setup, **kw)
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
+    return subprocess.Popen(argv, cwd=str(REPO), env=env, text=True, preexec_fn=setup, **kw)
 
 
 def _wait_for(cond, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -104,20 +104,40 @@ def test_a_signal_during_generation_stops_cleanly_and_keeps_a_playable_partial(i
     assert _shell_status(proc.returncode) == code, err
     assert "Traceback" not in err
     last = _last_line(err)
-    m = re.fullmatch(rf"error: stopped by {name}; the partial video '.*video\.partial\.mp4' plays its (\d+) frames",
-                     last)
+    # SIGTERM finishes the block under way and saves a checkpoint first (tests/unit/test_resume.py)
+    resumable = "; run the same command with --resume to continue it" if sig == signal.SIGTERM else ""
+    m = re.fullmatch(rf"error: stopped by {name}; the partial video '.*video\.partial\.mp4' plays its (\d+) "
+                     rf"frames{re.escape(resumable)}", last)
     assert m, last
     assert not out.exists() and _frames(partial) == int(m.group(1)) >= 9
+
+
+# Setup held open: encoding the reference announces itself on stderr, then takes 60 s.
+SLOW_SETUP = """
+import sys, time
+from liveavatar.engine import conditioning
+real = conditioning.encode_conditioning
+def slow(*a, **k):
+    print("IN-SETUP", file=sys.stderr, flush=True)
+    time.sleep(60)
+    return real(*a, **k)
+conditioning.encode_conditioning = slow
+from liveavatar.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_a_signal_during_setup_leaves_no_file_and_no_folder(inputs, tmp_path, sig):
     out = tmp_path / "new" / "deeper" / "video.mp4"
-    proc = _start(_argv(inputs, out))
-    time.sleep(4.0)  # building the model and encoding the reference: no chunk exists yet
-    assert proc.poll() is None
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err_file:
+        argv = _argv(inputs, out)
+        proc = _start([argv[0], "-c", SLOW_SETUP, *argv[3:]], stderr=err_file)
+        _wait_for(lambda: "IN-SETUP" in log.read_text(), proc)  # the model is built; no chunk can exist yet
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    err = log.read_text()
     assert "Traceback" not in err
     assert _shell_status(proc.returncode) == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: 137}[sig]
     assert not (tmp_path / "new").exists()

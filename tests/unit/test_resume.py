@@ -174,6 +174,71 @@ def test_killed_at_random_points_resumes_to_the_frames_and_audio_of_an_uninterru
     assert read_comment(d / "video.mp4") == read_comment(ref_dir / "video.mp4")  # the same job
 
 
+def test_sigterm_between_checkpoints_saves_the_block_it_finishes_and_resume_loses_nothing(inputs, killed, tmp_path):
+    """SIGTERM (a cluster preempting the job) while blocks are made: the render finishes its block,
+    saves a checkpoint there (not only at the last periodic one), exits 143 saying --resume continues
+    it; the resumed run gives exactly the uninterrupted frames and audio."""
+    _, ref_dir = killed
+    d = tmp_path / "job"
+    argv = _gen(inputs, d, "--checkpoint_every", "100")  # periodic checkpoints never come due here
+    proc = _start(argv)
+    _wait_for(lambda: (d / "dump" / "chunk-000001.npz").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "stopping after this block, with a checkpoint" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM; the partial video") and last.endswith(
+        "run the same command with --resume to continue it"), last
+    state = read_state(d / "video.partial.state")
+    made = len(list((d / "dump").glob("chunk-*.npz")))
+    assert state.block == made >= 2  # the block under way when the signal came was finished and saved
+    proc = _start([*argv, "--resume"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"resumed at block {made}" in err and "saved" in out
+    frames, audio = read_dump(d / "dump")
+    ref_frames, ref_audio = read_dump(ref_dir / "dump")
+    assert np.array_equal(frames, ref_frames) and np.array_equal(audio, ref_audio)
+
+
+SLOW_BLOCKS = """
+import sys, time
+from liveavatar.io import mp4
+real = mp4.MP4Writer.write
+def slow(self, *a, **k):
+    time.sleep(1.5)
+    return real(self, *a, **k)
+mp4.MP4Writer.write = slow
+from liveavatar.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_sigterm_or_no_checkpoints_stops_at_once(inputs, tmp_path):
+    """With checkpoints off (`--checkpoint_every 0`) SIGTERM stops at once, as Ctrl-C does; so does a
+    second SIGTERM while the first waits for its block to end (blocks slowed to 1.5 s here)."""
+    for case in ("off", "twice"):
+        d = tmp_path / case
+        every = "0" if case == "off" else "100"
+        log = tmp_path / f"{case}.log"
+        with open(log, "w") as err_file:
+            proc = subprocess.Popen([sys.executable, "-c", SLOW_BLOCKS, *_gen(inputs, d, "--checkpoint_every", every)],
+                                    cwd=str(REPO), env=ENV, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+            _wait_for(lambda: (d / "dump" / "chunk-000000.npz").exists(), proc)  # noqa: B023
+            proc.send_signal(signal.SIGTERM)
+            if case == "twice":
+                _wait_for(lambda: "stopping after this block" in log.read_text(), proc)  # noqa: B023
+                proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        err = log.read_text()
+        assert proc.returncode == 143 and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: stopped by SIGTERM; the partial video") and "--resume" not in last, last
+        assert not (d / "video.partial.state").exists()  # stopped before any checkpoint
+        assert len(list((d / "dump").glob("chunk-*.npz"))) <= 2
+
+
 @pytest.mark.parametrize("change,needle", [
     ({"image": "other.png"}, "the image"),
     ({"audio": "other.wav"}, "the audio"),
