@@ -430,26 +430,56 @@ MAX_AUTO_ACTIVE = 8
 
 
 def auto_max_active(pipe, height: int, width: int) -> tuple[int, str]:
-    """How many sessions at `height`x`width` may generate at once on `pipe`'s device, from the memory
-    planner (each active session holds its own step caches, sink and decoder state; the weights and
-    workspaces are shared), and the reason, for the startup line and /health."""
+    """How many sessions at `height`x`width` may generate at once on `pipe`'s device, and the reason,
+    for the startup line and /health: as many as fit in memory (`max_active_for`), and on a GPU the
+    planner's speed model knows, no more than keep real time."""
     from liveavatar.runtime import memory
 
-    steady, setup = memory.components(pipe.preset, pipe.runtime, height, width)
-    per = sum(steady.get(k, 0) for k in PER_SESSION)
-    peak = memory._peak(steady, setup)[0]
-    shared = peak - per
+    gpu = None
     if pipe.device.type == "cuda":
+        from liveavatar.runtime.gpus import from_device
+
         total = torch.cuda.get_device_properties(pipe.device).total_memory
-        budget = int(total * (1 - memory.FRAGMENTATION)) - memory.CUDA_CONTEXT_BYTES - shared
+        budget = int(total * (1 - memory.FRAGMENTATION)) - memory.CUDA_CONTEXT_BYTES
         where = f"{total / 2**30:.1f} GiB GPU"
+        gpu = from_device(pipe.device)
     else:
         budget = _available_host_bytes() // 2  # half of what the machine has free now
         where = "half the free host memory"
-    k = max(1, min(MAX_AUTO_ACTIVE, budget // max(per, 1)))
-    return k, (f"{k} sessions at {width}x{height}: {per / 2**20:.1f} MiB of caches each, "
-               f"{max(budget, 0) / 2**30:.2f} GiB for them ({where} after weights and workspaces); at most "
-               f"{MAX_AUTO_ACTIVE} by default")
+    return max_active_for(pipe.preset, pipe.runtime, height, width, budget, where, gpu)
+
+
+def max_active_for(preset, runtime, height: int, width: int, budget: int, where: str, gpu=None) -> tuple[int, str]:
+    """(K, why): sessions at `height`x`width` that may generate at once within `budget` bytes (each
+    active session holds its own step caches, sink and decoder state; weights and workspaces are
+    shared), at most MAX_AUTO_ACTIVE; with `gpu` (a GPUSpec) also at most as many as the speed model
+    says keep real time: K sessions take turns, so each gets a block every K × (seconds per block),
+    which must not exceed the seconds a block plays. One session is always allowed (and told when it
+    is already slower than real time)."""
+    from liveavatar.runtime import memory
+
+    steady, setup = memory.components(preset, runtime, height, width)
+    per = sum(steady.get(k, 0) for k in PER_SESSION)
+    free = budget - (memory._peak(steady, setup)[0] - per)
+    k_mem = max(1, min(MAX_AUTO_ACTIVE, free // max(per, 1)))
+    why = (f"{per / 2**20:.1f} MiB of caches each, {max(free, 0) / 2**30:.2f} GiB for them ({where} after "
+           f"weights and workspaces) fit {k_mem}")
+    if gpu is None:
+        return k_mem, (f"{_sessions(k_mem)} at {width}x{height}: {why} (at most {MAX_AUTO_ACTIVE} by default; speed is "
+                       f"not estimated off a GPU: keep K x seconds per block under the block's play time)")
+    block = memory.seconds_per_block(preset, runtime, gpu, height, width)
+    plays = preset.dit.frames_per_block * preset.vae.stride[0] / preset.fps  # 12 frames: 0.48 s at 25 fps
+    k_speed = int(plays / block + 1e-9)
+    k = max(1, min(k_mem, k_speed))
+    pace = (f"the planner estimates {block:.2f} s a block on {gpu.name} (an estimate from data sheets) and a "
+            f"block plays {plays:.2f} s, so {k_speed} keep real time" if k_speed else
+            f"one session is already slower than real time on {gpu.name}: an estimated {block:.2f} s a block "
+            f"for {plays:.2f} s of video (a smaller --size, or --max_lead large for offline use)")
+    return k, f"{_sessions(k)} at {width}x{height}: {why}; {pace}"
+
+
+def _sessions(k: int) -> str:
+    return "1 session" if k == 1 else f"{k} sessions"
 
 
 def _available_host_bytes() -> int:
