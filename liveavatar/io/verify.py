@@ -39,6 +39,7 @@ from liveavatar.io.checkpoint import (
     _json_type,
     _lora_problems,
     _read_json_file,
+    _read_preprocessor,
     _w2v_key,
     _w2v_used,
     ckpt_paths,
@@ -46,6 +47,7 @@ from liveavatar.io.checkpoint import (
     lora_key,
     read_dit_config,
     read_pth_metadata,
+    read_wav2vec2_config,
     resolve_lora_path,
     wav2vec2_weight_files,
 )
@@ -231,6 +233,15 @@ def _check_audio(folder: Path, cfg: AudioConfig, rep: ComponentReport) -> None:
         rep.files.append("config.json")
         problems, other_model = _audio_config_problems(conf, cfg)
         rep.problems += problems
+    pre = folder / "preprocessor_config.json"
+    if not pre.is_file():
+        rep.problems.append(f"missing file {pre}")
+    else:
+        rep.files.append(pre.name)
+        try:
+            _read_preprocessor(pre)
+        except UserError as exc:
+            rep.problems.append(str(exc))
     files, raw_metas, problems = wav2vec2_weight_files(folder)
     rep.files += [p.name for p in files]
     if problems:
@@ -257,6 +268,10 @@ def _audio_config_problems(conf: Path, cfg: AudioConfig) -> tuple[list[str], boo
         return [str(exc)], False
     if not isinstance(raw, dict):
         return [f"{conf} holds a JSON {_json_type(raw)}, not an object of model settings; re-download it"], False
+    try:
+        read_wav2vec2_config(conf)  # a layout this engine runs, with usable values
+    except UserError as exc:
+        return [str(exc)], True
     want = {name: getattr(cfg, name) for name in _W2V_CONFIG_FIELDS}
     diffs = [f"{conf} sets {name}={_brief(raw[name])}, the preset expects {want[name]!r}"
              for name in _W2V_CONFIG_FIELDS

@@ -381,6 +381,21 @@ def test_verify_folders_and_index(ckpt, tmp_path):
         verify_checkpoint(root, only="lora")
 
 
+def test_verify_reports_a_wav2vec2_layout_or_preprocessor_the_engine_cannot_run(ckpt, tmp_path):
+    import shutil
+
+    root, _, _ = ckpt
+    bad = tmp_path / "c"
+    shutil.copytree(root, bad)
+    conf = bad / ck.AUDIO_DIR / "config.json"
+    conf.write_text(json.dumps(json.loads(conf.read_text()) | {"feat_extract_norm": "group"}))
+    (bad / ck.AUDIO_DIR / "preprocessor_config.json").unlink()
+    problems = verify_checkpoint(bad, preset="tiny", only="audio").problems
+    assert any("sets feat_extract_norm='group'; this engine runs the wav2vec2 layout" in p for p in problems)
+    assert any(p.endswith(f"missing file {bad / ck.AUDIO_DIR / 'preprocessor_config.json'}") for p in problems)
+    assert not any("unused" in p or "missing tensor" in p for p in problems)  # tensors of another layout: not compared
+
+
 # ---- full-size models on meta -----------------------------------------------------------------
 
 
