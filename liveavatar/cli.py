@@ -139,8 +139,8 @@ def _on_sigterm(signum, frame):
     from liveavatar.render import STOP
 
     if STOP.request():  # a render with checkpoints is making blocks: it stops after this one, saved
-        print("SIGTERM: stopping after this block, with a checkpoint (send SIGTERM again to stop at once)",
-              file=sys.stderr, flush=True)
+        # os.write, not print: the signal may have interrupted a write to stderr (print would be reentrant)
+        os.write(2, b"\nSIGTERM: stopping after this block, with a checkpoint (send SIGTERM again to stop at once)\n")
         return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup that follows must not be cut short
     raise Terminated()

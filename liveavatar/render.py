@@ -64,6 +64,14 @@ class StopAtBlock:
 STOP = StopAtBlock()  # the signal handler of the CLI asks it; `Render.run` arms it
 
 
+def _ignore_sigterm() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 @dataclass
 class Job:
     """A checked render request for one output file."""
@@ -186,7 +194,8 @@ class Render:
                        dynamic_ncols=True, desc=self.desc)
             t1, made = time.time(), 0
             self.checkpoints.t0 = time.perf_counter()
-            STOP.armed, STOP.requested = self.checkpoints.every != 0, False
+            STOP.requested = False  # before arming: a request can only come for this render
+            STOP.armed = self.checkpoints.every != 0
             try:
                 for chunk in session:
                     self.writer.write(chunk.frames, chunk.audio)
@@ -203,10 +212,13 @@ class Render:
                                                        self.writer.checkpoint(), session.state_dict())
                         if failed:
                             bar.write(f"warning: {failed}", file=sys.stderr)
+                            STOP.armed = False  # no more checkpoints: a SIGTERM stops at once
+                        stop = STOP.requested  # also one that came while the state was written
                         self.stopped_with_checkpoint = stop and not failed
                     bar.set_postfix_str(f"{self.frames} frames, {made / (time.time() - t1):.2f} fps")
                     bar.update(1)
                     if stop:
+                        _ignore_sigterm()  # the cleanup that follows must not be cut short
                         raise Terminated()
             finally:
                 STOP.armed = STOP.requested = False

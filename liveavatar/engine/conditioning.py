@@ -45,14 +45,14 @@ def encode_conditioning(pipe, ref: torch.Tensor, prompt: str) -> Conditioning:
         ctx = pipe.run_encoder(pipe.text_encoder, lambda m: encode_text(m, pipe.tokenizer, prompt))
         text = pipe.dit.embed_text(ctx.to(dev))
         ref = ref.to(dev, dtype)
-        # The reference latent is latent 1 of the image repeated over 5 frames. The VAE encoder is causal
-        # and encodes in chunks of 1, 4, 4, ... frames, so that is latent 1 of the motion frames (the same
-        # image repeated) bit for bit: it is taken from there rather than encoded again.
-        motion = pipe.vae.encode(ref[None, :, None].expand(1, 3, cfg.motion_frames, -1, -1))
+        # The reference latent is latent 1 of the image repeated over 5 frames, which are also the first 5
+        # of the motion frames (the same image repeated): one encode gives both, bit-identical to two.
         if cfg.motion_frames >= 5:
-            ref_latent = motion[:, :, 1:2].clone()
+            motion, ref5 = pipe.vae.encode_with_prefix(ref[None, :, None].expand(1, 3, cfg.motion_frames, -1, -1), 5)
         else:
-            ref_latent = pipe.vae.encode(ref[None, :, None].expand(1, 3, 5, -1, -1))[:, :, 1:2]
+            motion = pipe.vae.encode(ref[None, :, None].expand(1, 3, cfg.motion_frames, -1, -1))
+            ref5 = pipe.vae.encode(ref[None, :, None].expand(1, 3, 5, -1, -1))
+        ref_latent = ref5[:, :, 1:2]
     return Conditioning(text, ref_latent, motion, warnings)
 
 

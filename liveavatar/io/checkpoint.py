@@ -1051,20 +1051,22 @@ def wav2vec2_weight_files(folder: str | Path) -> tuple[dict[Path, list[str]], di
     folder = Path(folder)
     single = [folder / n for n in _W2V_WEIGHTS if (folder / n).is_file()]
     indexes = [folder / n for n in _W2V_INDEXES if (folder / n).is_file()]
+    weight_map = None
     if single:
         paths = [single[0]]
     elif indexes:
         weight_map, problems = _read_index(indexes[0])
         if problems:
             return {}, {}, problems
-        paths = [folder / f for f in sorted(set(weight_map.values()))]
+        # only the shards holding tensors the encoder uses are needed (not a CTC or pre-training head's)
+        paths = [folder / f for f in sorted({f for k, f in weight_map.items() if _w2v_used(k)})]
         absent = [p.name for p in paths if not p.is_file()]
         if absent:
             return {}, {}, [f"{indexes[0]} lists {', '.join(absent[:_SHOW])}, missing from {folder}; re-download it"]
     else:
         return {}, {}, [f"no wav2vec2 weights in {folder}: expected {' or '.join(_W2V_WEIGHTS)} "
                         f"(or a sharded index of either)"]
-    files, metas, problems = {}, {}, []
+    files, metas, problems, home = {}, {}, [], {}
     for p in paths:
         try:
             found = _file_metas(p)
@@ -1072,7 +1074,17 @@ def wav2vec2_weight_files(folder: str | Path) -> tuple[dict[Path, list[str]], di
             problems.append(str(exc))
             continue
         files[p] = list(found)
+        for k in found:
+            canonical = _w2v_key(k) if _w2v_used(k) else k
+            if canonical in home:
+                problems.append(f"tensor {k} in {p.name} is also in {home[canonical]} (as {canonical})")
+            home[canonical] = f"{p.name} ({k})" if canonical != k else p.name
+            if weight_map is not None and weight_map.get(k, p.name) != p.name:
+                problems.append(f"tensor {k} in {p.name} is listed in the index for {weight_map[k]}")
         metas |= found
+    if weight_map is not None:
+        problems += [f"{k} is listed in the index for {f} but is not in it"
+                     for k, f in weight_map.items() if folder / f in files and k not in metas]
     return files, metas, problems
 
 

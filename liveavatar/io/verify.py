@@ -23,6 +23,7 @@ from liveavatar.config import AudioConfig, Preset, get_preset
 from liveavatar.errors import UserError
 from liveavatar.io.checkpoint import (
     _LORA_KEY,
+    _W2V_DEFAULTS,
     COMPONENTS,
     DIT_CONFIG,
     DIT_SHARD_RE,
@@ -218,7 +219,7 @@ def _check_lora(path: str | Path, preset: Preset, rep: ComponentReport) -> None:
 # config.json fields compared with the wav2vec2 config of the preset
 _W2V_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                       "conv_dim", "conv_kernel", "conv_stride", "num_conv_pos_embeddings",
-                      "num_conv_pos_embedding_groups")
+                      "num_conv_pos_embedding_groups", "conv_bias")
 
 
 def _check_audio(folder: Path, cfg: AudioConfig, rep: ComponentReport) -> None:
@@ -273,9 +274,9 @@ def _audio_config_problems(conf: Path, cfg: AudioConfig) -> tuple[list[str], boo
     except UserError as exc:
         return [str(exc)], True
     want = {name: getattr(cfg, name) for name in _W2V_CONFIG_FIELDS}
+    raw = _W2V_DEFAULTS | raw  # what transformers reads for a field the file leaves out
     diffs = [f"{conf} sets {name}={_brief(raw[name])}, the preset expects {want[name]!r}"
-             for name in _W2V_CONFIG_FIELDS
-             if name in raw and list(_as_list(raw[name])) != list(_as_list(want[name]))]
+             for name in _W2V_CONFIG_FIELDS if list(_as_list(raw[name])) != list(_as_list(want[name]))]
     return diffs, bool(diffs)
 
 

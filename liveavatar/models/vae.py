@@ -335,6 +335,10 @@ class WanVAE(nn.Module):
     @torch.no_grad()
     def encode_raw(self, video: Tensor) -> Tensor:
         """Video [B, 3, 1 + 4k, H, W] in [-1, 1] (H, W multiples of 8) -> mu [B, z_dim, 1 + k, H/8, W/8]."""
+        return self._mu(self._features(video))
+
+    def _features(self, video: Tensor) -> Tensor:
+        """The encoder's output for every latent frame (before `conv1`), chunk by chunk (1, 4, 4, ...)."""
         b, c, t, h, w = video.shape
         if c != 3 or t % 4 != 1 or h % 8 or w % 8:
             raise UserError(
@@ -345,8 +349,25 @@ class WanVAE(nn.Module):
         caches: Caches = [None] * self.encoder.num_slots
         out = [self.encoder(video[:, :, :1], caches)]
         out += [self.encoder(video[:, :, i : i + 4], caches) for i in range(1, t, 4)]
+        return torch.cat(out, 2)
+
+    def _mu(self, features: Tensor) -> Tensor:
         z = self.cfg.z_dim
-        return F.conv3d(torch.cat(out, 2), self.conv1.weight[:z], self.conv1.bias[:z])  # mu only
+        return F.conv3d(features, self.conv1.weight[:z], self.conv1.bias[:z])  # mu only
+
+    @torch.no_grad()
+    def encode_with_prefix(self, video: Tensor, prefix_frames: int) -> tuple[Tensor, Tensor]:
+        """(encode(video), encode(video[:, :, :prefix_frames])) for the cost of the first alone: the
+        encoder is causal and runs chunk by chunk, so the prefix's latents are the first ones of the
+        whole; the last 1x1 conv runs on the prefix's latents as a separate tensor, as encoding the
+        prefix alone does (CPU and GPU kernels are chosen by shape), so both are bit-identical to two
+        calls. `prefix_frames`: 1 + 4j, at most the video's length."""
+        t = video.shape[2]
+        if prefix_frames % 4 != 1 or not 1 <= prefix_frames <= t:
+            raise ValueError(f"prefix_frames must be 1 + 4j and at most {t}, got {prefix_frames}")
+        feats = self._features(video)
+        prefix = feats[:, :, : (prefix_frames + 3) // 4].contiguous()
+        return self._normalize(self._mu(feats)), self._normalize(self._mu(prefix))
 
     @torch.no_grad()
     def decode_stream_raw(self, z: Tensor, state: VAEStreamState) -> Tensor:
@@ -371,7 +392,9 @@ class WanVAE(nn.Module):
 
     def encode(self, video: Tensor) -> Tensor:
         """video: [B, 3, 1 + 4k, H, W] in [-1, 1] -> normalised latents [B, z_dim, 1 + k, H/8, W/8]."""
-        mu = self.encode_raw(video)
+        return self._normalize(self.encode_raw(video))
+
+    def _normalize(self, mu: Tensor) -> Tensor:
         mean, std = self._stats(mu)
         return ((mu.float() - mean) / std).to(mu.dtype)
 

@@ -3,7 +3,8 @@
 `Wav2Vec2` is the encoder of transformers' `Wav2Vec2Model` in its stable-layer-norm layout (the one
 of wav2vec2-large-xlsr-53), written here with the same module names so the official folder (a
 `Wav2Vec2ForCTC`: `wav2vec2.` prefix, CTC head unused) loads as it is, and equal to that class within
-float rounding (tested); it spares every process the seconds transformers takes to import.
+float rounding (tested); it spares the seconds transformers takes to import where nothing else
+needs it (the tiny model; the real checkpoints still use transformers for the umT5 tokenizer).
 `features` reproduces the official S2V path:
 
 1. per-utterance zero-mean / unit-variance normalisation (the folder's feature extractor);
@@ -298,7 +299,9 @@ class AudioEncoder(nn.Module):
     @classmethod
     def random(cls, cfg: AudioConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> AudioEncoder:
         """Seeded random weights (the `tiny` preset); leaves the global RNG untouched."""
-        model = Wav2Vec2(cfg)
+        with torch.device("meta"):  # no default initialisation: it would draw from the global RNG
+            model = Wav2Vec2(cfg)
+        model = model.to_empty(device="cpu")
         _random_init(model, torch.Generator().manual_seed(seed))
         return cls(model.to(dtype), True, cfg.feature_rate, cfg.interp_rate)
 

@@ -40,7 +40,26 @@ class CompiledBlockForward:
         if skip_tail or not isinstance(cache, LayerKV) or cache.active is not None:
             return self.eager(x, e0, text_kv, cache, frames, skip_tail)
         fn = self.steady if cache.mask is None else self.filling
-        return fn(self.block, x, e0, text_kv, cache, frames)
+        try:
+            return fn(self.block, x, e0, text_kv, cache, frames)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # More shapes than dynamo keeps graphs for (a server seeing many video sizes): raised before
+            # the graph runs, so nothing was computed; this shape runs eagerly, the others stay compiled.
+            _warn_once()
+            return self.eager(x, e0, text_kv, cache, frames, skip_tail)
+
+
+_warned = False
+
+
+def _warn_once() -> None:
+    global _warned
+    if not _warned:
+        import sys
+
+        _warned = True
+        print(f"warning: more video sizes than torch.compile keeps graphs for "
+              f"({torch._dynamo.config.recompile_limit}); blocks of further sizes run uncompiled", file=sys.stderr)
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> nn.Module:

@@ -431,42 +431,43 @@ MAX_AUTO_ACTIVE = 8
 
 def auto_max_active(pipe, height: int, width: int) -> tuple[int, str]:
     """How many sessions at `height`x`width` may generate at once on `pipe`'s device, and the reason,
-    for the startup line and /health: as many as fit in memory (`max_active_for`), and on a GPU the
-    planner's speed model knows, no more than keep real time."""
+    for the startup line and /health: as many as fit in memory (`max_active_for`), and on a GPU of the
+    planner's table no more than keep real time by its speed model."""
     from liveavatar.runtime import memory
 
     gpu = None
     if pipe.device.type == "cuda":
         from liveavatar.runtime.gpus import from_device
 
+        steady, setup = memory.components(pipe.preset, pipe.runtime, height, width)
+        shared = memory._peak(steady, setup)[0] - sum(steady.get(k, 0) for k in PER_SESSION)
         total = torch.cuda.get_device_properties(pipe.device).total_memory
-        budget = int(total * (1 - memory.FRAGMENTATION)) - memory.CUDA_CONTEXT_BYTES
-        where = f"{total / 2**30:.1f} GiB GPU"
+        free = int(total * (1 - memory.FRAGMENTATION)) - memory.CUDA_CONTEXT_BYTES - shared
+        where = f"{total / 2**30:.1f} GiB GPU after weights and workspaces"
         gpu = from_device(pipe.device)
-    else:
-        budget = _available_host_bytes() // 2  # half of what the machine has free now
+    else:  # measured now, with the weights already loaded
+        free = _available_host_bytes() // 2
         where = "half the free host memory"
-    return max_active_for(pipe.preset, pipe.runtime, height, width, budget, where, gpu)
+    return max_active_for(pipe.preset, pipe.runtime, height, width, free, where, gpu)
 
 
-def max_active_for(preset, runtime, height: int, width: int, budget: int, where: str, gpu=None) -> tuple[int, str]:
-    """(K, why): sessions at `height`x`width` that may generate at once within `budget` bytes (each
-    active session holds its own step caches, sink and decoder state; weights and workspaces are
-    shared), at most MAX_AUTO_ACTIVE; with `gpu` (a GPUSpec) also at most as many as the speed model
-    says keep real time: K sessions take turns, so each gets a block every K × (seconds per block),
-    which must not exceed the seconds a block plays. One session is always allowed (and told when it
-    is already slower than real time)."""
+def max_active_for(preset, runtime, height: int, width: int, free: int, where: str, gpu=None) -> tuple[int, str]:
+    """(K, why): sessions at `height`x`width` whose own memory (step caches, sink, decoder state) fits
+    in `free` bytes, at most MAX_AUTO_ACTIVE; with `gpu` (a GPUSpec of the planner's table) also at
+    most as many as its speed model says keep real time: K sessions take turns, so each gets a block
+    every K x (seconds per block), which must not exceed the seconds a block plays. One session is
+    always allowed (and told when it is already slower than real time). A GPU the table does not know
+    (its rates would be guesses) counts as no estimate."""
     from liveavatar.runtime import memory
 
-    steady, setup = memory.components(preset, runtime, height, width)
+    steady, _ = memory.components(preset, runtime, height, width)
     per = sum(steady.get(k, 0) for k in PER_SESSION)
-    free = budget - (memory._peak(steady, setup)[0] - per)
     k_mem = max(1, min(MAX_AUTO_ACTIVE, free // max(per, 1)))
-    why = (f"{per / 2**20:.1f} MiB of caches each, {max(free, 0) / 2**30:.2f} GiB for them ({where} after "
-           f"weights and workspaces) fit {k_mem}")
-    if gpu is None:
-        return k_mem, (f"{_sessions(k_mem)} at {width}x{height}: {why} (at most {MAX_AUTO_ACTIVE} by default; speed is "
-                       f"not estimated off a GPU: keep K x seconds per block under the block's play time)")
+    why = f"{per / 2**20:.1f} MiB of caches each, {max(free, 0) / 2**30:.2f} GiB for them ({where}) fit {k_mem}"
+    if gpu is None or not gpu.known:
+        off = "off a GPU" if gpu is None else f"for {gpu.name}, which the planner's table does not know"
+        return k_mem, (f"{_sessions(k_mem)} at {width}x{height}: {why} (at most {MAX_AUTO_ACTIVE} by default; speed "
+                       f"is not estimated {off}: keep K x seconds per block under the block's play time)")
     block = memory.seconds_per_block(preset, runtime, gpu, height, width)
     plays = preset.dit.frames_per_block * preset.vae.stride[0] / preset.fps  # 12 frames: 0.48 s at 25 fps
     k_speed = int(plays / block + 1e-9)

@@ -238,8 +238,8 @@ def test_from_folder_bin_old_names_and_shards(enc, tmp_path):
     torch.save(old, tmp_path / "bin" / "pytorch_model.bin")
     shutil.copytree(tmp_path / "st", tmp_path / "shards")
     (tmp_path / "shards" / "model.safetensors").unlink()
-    keys = sorted(sd)
-    weight_map = {}
+    keys = sorted(k for k in sd if not k.startswith("lm_head."))
+    weight_map = {k: "model-head.safetensors" for k in sd if k.startswith("lm_head.")}  # a shard not needed
     for i, part in enumerate((keys[::2], keys[1::2])):
         name = f"model-0000{i + 1}-of-00002.safetensors"
         save_file({k: sd[k] for k in part}, str(tmp_path / "shards" / name), metadata={"format": "pt"})
@@ -288,6 +288,15 @@ def test_from_folder_errors(enc, tmp_path):
         (bad / name).write_text(value if isinstance(value, str) else json.dumps(value))
         with pytest.raises(UserError, match=message):
             AudioEncoder.from_folder(bad)
+    from safetensors.torch import load_file, save_file
+
+    twice = tmp_path / "twice"
+    shutil.copytree(tmp_path / "good", twice)
+    sd = load_file(str(twice / "model.safetensors"))
+    sd["encoder.layer_norm.weight"] = sd["wav2vec2.encoder.layer_norm.weight"] + 1  # with and without the prefix
+    save_file(sd, str(twice / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"layer_norm.weight in model.safetensors is also in model.safetensors"):
+        AudioEncoder.from_folder(twice)
     (tmp_path / "good" / "model.safetensors").write_bytes(b"\x00" * 7)
     with pytest.raises(UserError, match="wav2vec2 weights in .* cannot be read"):
         AudioEncoder.from_folder(tmp_path / "good")
@@ -322,7 +331,11 @@ def test_importing_the_engine_does_not_import_transformers():
 
 
 def test_random_is_seeded():
+    torch.manual_seed(0)
+    before = torch.rand(4)
+    torch.manual_seed(0)
     a = AudioEncoder.random(CFG, seed=3).model.state_dict()
+    assert torch.equal(torch.rand(4), before)  # the global RNG is left as it was
     b = AudioEncoder.random(CFG, seed=3).model.state_dict()
     c = AudioEncoder.random(CFG, seed=4).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -64,6 +64,26 @@ def test_compiled_generation_traces_two_graphs_without_breaks_or_recompiles(inpu
     assert rel < 1e-6, rel
 
 
+def test_sizes_beyond_the_recompile_limit_run_eagerly(capsys):
+    """A server compiles each video size once; past dynamo's recompile limit (1 here, 8 by default) a
+    new size runs its blocks uncompiled, with one warning, instead of failing (fullgraph refuses to
+    fall back by itself), and gives the eager result."""
+    from liveavatar.runtime import compile as compile_mod
+
+    compile_mod._warned = False
+    img, wav = str(media.example_image_path()), str(media.example_audio_path())
+    compiled, eager = Pipeline.tiny(seed=0), Pipeline.tiny(seed=0)
+    apply_compile(compiled.dit, backend="aot_eager")
+    dynamo.reset()
+    with dynamo.config.patch(recompile_limit=1), torch.no_grad():
+        for size in (128 * 128, 192 * 128):
+            o = GenerationOptions(size=size, num_clip=1)
+            got, want = (torch.cat(list(p.session(Inputs.load(img, wav, o), prompt="a person talking",
+                                                  options=o).latents()), 2) for p in (compiled, eager))
+            assert ((got - want).norm() / want.norm()).item() < 1e-6
+    assert capsys.readouterr().err.count("blocks of further sizes run uncompiled") == 1
+
+
 def test_inductor_block_equals_eager():
     torch.manual_seed(0)
     cfg = TINY.dit

@@ -124,16 +124,31 @@ def test_random_weights_pipeline_is_seeded_and_runs(inputs):
     assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.parametrize("size", [(128, 128), (192, 320)])
-def test_reference_latent_is_taken_from_the_motion_encode_bit_for_bit(pipe, size):
-    """The session reuses latent 1 of the motion frames' encode as the reference latent; it equals
-    encoding the image repeated over 5 frames (what the official code does) exactly."""
+def test_reference_latent_is_taken_from_the_motion_encode_bit_for_bit(pipe):
+    """The session takes the reference latent from the motion frames' encode (their first 5 frames
+    are the image repeated 5 times); it equals encoding those 5 frames alone (what the official code
+    does) exactly, and the motion latents equal their own encode."""
     from liveavatar.engine.conditioning import encode_conditioning
 
-    h, w = size
-    ref = torch.rand(3, h, w, generator=torch.Generator().manual_seed(h)) * 2 - 1
+    ref = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(3)) * 2 - 1
     cond = encode_conditioning(pipe, ref, "a person talking")
+    frames = ref[None, :, None].expand(1, 3, pipe.preset.dit.motion_frames, -1, -1)
     with torch.no_grad():
-        direct = pipe.vae.encode(ref[None, :, None].expand(1, 3, 5, -1, -1))[:, :, 1:2]
+        direct = pipe.vae.encode(frames[:, :, :5])[:, :, 1:2]
+        motion = pipe.vae.encode(frames)
     assert cond.ref_latent.shape == direct.shape and torch.equal(cond.ref_latent, direct)
-    assert cond.ref_latent.untyped_storage().data_ptr() != cond.motion_latents.untyped_storage().data_ptr()
+    assert torch.equal(cond.motion_latents, motion)
+
+
+def test_encode_with_prefix_is_bit_identical_to_two_encodes(pipe):
+    """At 704x64 with 29 frames the final 1x1 conv over 8 latents takes another CPU kernel than over 2
+    (slicing the whole encode's latents differs in the last bit there); the prefix's own conv does not."""
+    video = (torch.rand(3, 704, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1)[None, :, None]
+    video = video.expand(1, 3, 29, -1, -1)
+    with torch.no_grad():
+        whole, prefix = pipe.vae.encode_with_prefix(video, 5)
+        assert torch.equal(whole, pipe.vae.encode(video))
+        assert torch.equal(prefix, pipe.vae.encode(video[:, :, :5]))
+        assert not torch.equal(whole[:, :, :2], prefix)  # what the shortcut of slicing would have given
+        with pytest.raises(ValueError, match="prefix_frames must be 1 \\+ 4j"):
+            pipe.vae.encode_with_prefix(video, 4)

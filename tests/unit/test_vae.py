@@ -126,14 +126,14 @@ def test_encode_rejects_bad_frame_count(vae):
         vae.encode(torch.zeros(1, 3, 4, 16, 16))
 
 
-@pytest.mark.parametrize("c_in,c_out,t,h,w,kernel,padding", [
-    (8, 8, 1, 48, 40, 3, 1),            # one output frame: folded 2-D conv
-    (16, 32, 1, 20, 13, 3, 1),          # odd sizes, widening
-    (8, 8, 4, 32, 24, 3, 1),            # several output frames: windows as a batch
-    (32, 64, 2, 16, 16, (3, 1, 1), (1, 0, 0)),  # temporal-only kernel (the time upsampler's)
-    (8, 8, 3, 8, 8, 3, 1),              # below the size where the reference kernel is kept
+@pytest.mark.parametrize("c_in,c_out,t,h,w,kernel,padding,path", [
+    (8, 8, 1, 48, 40, 3, 1, "_folded_2d"),            # one output frame: folded 2-D conv
+    (16, 32, 1, 20, 13, 3, 1, "_folded_2d"),          # odd sizes, widening
+    (8, 8, 4, 32, 24, 3, 1, "_time_in_batch"),        # several output frames: windows as a batch
+    (32, 64, 2, 16, 16, (3, 1, 1), (1, 0, 0), "_time_in_batch"),  # temporal-only kernel (the time upsampler's)
+    (8, 8, 3, 8, 8, 3, 1, None),                      # below the size where the reference kernel is kept
 ])
-def test_cpu_conv_paths_equal_plain_conv3d(c_in, c_out, t, h, w, kernel, padding):
+def test_cpu_conv_paths_equal_plain_conv3d(c_in, c_out, t, h, w, kernel, padding, path, monkeypatch):
     """The CPU fast paths of the causal conv (chosen where PyTorch would run its slow reference
     conv3d) compute the same convolution as a plain conv3d over the causally padded input, also for
     the cache it leaves for the next chunk."""
@@ -141,6 +141,11 @@ def test_cpu_conv_paths_equal_plain_conv3d(c_in, c_out, t, h, w, kernel, padding
 
     from liveavatar.models.vae import CausalConv3d
 
+    taken = []
+    for name in ("_folded_2d", "_time_in_batch"):
+        real = getattr(CausalConv3d, name)
+        monkeypatch.setattr(CausalConv3d, name,
+                            lambda self, x, _real=real, _name=name: taken.append(_name) or _real(self, x))
     torch.manual_seed(0)
     conv = CausalConv3d(c_in, c_out, kernel, padding=padding)
     conv.slot = 0
@@ -152,3 +157,4 @@ def test_cpu_conv_paths_equal_plain_conv3d(c_in, c_out, t, h, w, kernel, padding
     assert y.shape == ref.shape
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert torch.equal(caches[0], torch.cat([prev, x], 2)[:, :, -2:])
+    assert taken == ([path] if path else [])
