@@ -51,7 +51,7 @@ def velocities(pipe, session, feats: torch.Tensor, blocks: int) -> torch.Tensor:
     stage.start(session.cond.text, session.cond.ref_latent, session.cond.motion_latents)
     out = []
     for n in range(blocks):
-        task = session.plan.task(n, feats[..., 12 * n: 12 * (n + 1)])
+        task = session.frontend.plan.task(n, feats[..., 12 * n: 12 * (n + 1)])
         z = stage(task)
         dt = session.schedule.sigmas[1] - session.schedule.sigmas[0]
         out.append((z.float() - task.noise.float()) / dt)
