@@ -89,8 +89,9 @@ def full_size(height: int, width: int, seconds_speech: float, local_rate: float)
     from liveavatar.config import S2V_14B
     from liveavatar.models.layout import SinkLayout
     from liveavatar.models.vae import stream_state_nbytes
+    from liveavatar.runtime.gpus import gpu_named
     from liveavatar.runtime.kv_cache import FP8RingKVCache, RingKVCache, SinkCache
-    from liveavatar.runtime.memory import GPUSpec, RuntimeConfig, seconds_per_block
+    from liveavatar.runtime.memory import RuntimeConfig, seconds_per_block
 
     p, bf16 = S2V_14B, torch.bfloat16
     layout = SinkLayout(height // 8, width // 8, p.dit.zip_frame_buckets)
@@ -113,7 +114,7 @@ def full_size(height: int, width: int, seconds_speech: float, local_rate: float)
     print(f"  {'state file (bf16 caches)':<58} {total / 2**30:>8.2f} GiB")
     print(f"  {'state file with FP8 ring caches (--kv_fp8 runs)':<58} {total_fp8 / 2**30:>8.2f} GiB")
     rates = {"this machine's disk": local_rate, "1 GB/s": 1 * GB, "2 GB/s (NVMe)": 2 * GB, "5 GB/s (RAID)": 5 * GB}
-    gpus = {"H100/H200 80+ GB": GPUSpec.guess(80), "24 GB card": GPUSpec.guess(24)}
+    gpus = {"H100 SXM": gpu_named("h100-sxm"), "RTX 4090 (24 GB)": gpu_named("rtx4090")}
     blocks = {name: seconds_per_block(p, RuntimeConfig(), gpu, height, width) for name, gpu in gpus.items()}
     print(f"\n{'disk':<22} {'write s (bf16)':>15} {'write s (fp8)':>14}   auto interval at {OVERHEAD_BUDGET:.0%} "
           "(blocks, minutes of generation) with the planner's s/block estimate")
