@@ -990,6 +990,12 @@ def read_wav2vec2_config(path: str | Path) -> AudioConfig:
     raw = _read_json_file(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path} holds a JSON {_json_type(raw)}, not an object of model settings; re-download it")
+    return wav2vec2_config_from(raw, path)
+
+
+def wav2vec2_config_from(raw: dict, path: Path) -> AudioConfig:
+    """The AudioConfig of the settings `raw` read from the config.json at `path` (see
+    `read_wav2vec2_config`)."""
     conf = _W2V_DEFAULTS | raw
     for name, want in _W2V_LAYOUT.items():
         if conf[name] != want:
@@ -1147,5 +1153,5 @@ __all__ = [
     "TensorMeta", "VAE_FILE", "check_lora", "ckpt_paths", "dit_shard_name", "expected_lora_tensors",
     "load_dit", "load_lora", "load_t5", "load_vae", "load_wav2vec2", "lora_key", "lora_targets", "merge_lora",
     "read_dit_config", "read_pth_metadata", "read_safetensors_header", "read_wav2vec2_config",
-    "resolve_lora_path", "wav2vec2_weight_files",
+    "resolve_lora_path", "wav2vec2_config_from", "wav2vec2_weight_files",
 ]

@@ -23,7 +23,6 @@ from liveavatar.config import AudioConfig, Preset, get_preset
 from liveavatar.errors import UserError
 from liveavatar.io.checkpoint import (
     _LORA_KEY,
-    _W2V_DEFAULTS,
     COMPONENTS,
     DIT_CONFIG,
     DIT_SHARD_RE,
@@ -48,8 +47,8 @@ from liveavatar.io.checkpoint import (
     lora_key,
     read_dit_config,
     read_pth_metadata,
-    read_wav2vec2_config,
     resolve_lora_path,
+    wav2vec2_config_from,
     wav2vec2_weight_files,
 )
 from liveavatar.models.sizes import on_meta, state_shapes, wav2vec2_on_meta
@@ -270,18 +269,17 @@ def _audio_config_problems(conf: Path, cfg: AudioConfig) -> tuple[list[str], boo
     if not isinstance(raw, dict):
         return [f"{conf} holds a JSON {_json_type(raw)}, not an object of model settings; re-download it"], False
     try:
-        read_wav2vec2_config(conf)  # a layout this engine runs, with usable values
+        found = wav2vec2_config_from(raw, conf)  # a layout this engine runs, with usable values
     except UserError as exc:
         return [str(exc)], True
-    want = {name: getattr(cfg, name) for name in _W2V_CONFIG_FIELDS}
-    raw = _W2V_DEFAULTS | raw  # what transformers reads for a field the file leaves out
-    diffs = [f"{conf} sets {name}={_brief(raw[name])}, the preset expects {want[name]!r}"
-             for name in _W2V_CONFIG_FIELDS if list(_as_list(raw[name])) != list(_as_list(want[name]))]
+    diffs = [f"{conf} sets {name}={_brief(_as_json(getattr(found, name)))}, the preset expects "
+             f"{_as_json(getattr(cfg, name))!r}"
+             for name in _W2V_CONFIG_FIELDS if getattr(found, name) != getattr(cfg, name)]
     return diffs, bool(diffs)
 
 
-def _as_list(v):
-    return v if isinstance(v, list | tuple) else [v]
+def _as_json(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _check_tokenizer(folder: Path, preset: Preset, rep: ComponentReport) -> None:

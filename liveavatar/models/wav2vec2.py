@@ -232,10 +232,7 @@ class Wav2Vec2(nn.Module):
 
     def __init__(self, cfg: AudioConfig):
         super().__init__()
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise UserError(f"wav2vec2 hidden_size {cfg.hidden_size} is not a multiple of "
-                            f"num_attention_heads {cfg.num_attention_heads}; fix the folder's config.json")
-        self.config = cfg
+        self.config = cfg  # a folder's sizes are checked by `io.checkpoint.read_wav2vec2_config`
         self.feature_extractor = _FeatureEncoder(cfg)
         self.feature_projection = _FeatureProjection(cfg)
         self.encoder = _Encoder(cfg)

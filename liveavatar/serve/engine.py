@@ -435,33 +435,34 @@ def auto_max_active(pipe, height: int, width: int) -> tuple[int, str]:
     planner's table no more than keep real time by its speed model."""
     from liveavatar.runtime import memory
 
-    gpu = None
     if pipe.device.type == "cuda":
         from liveavatar.runtime.gpus import from_device
 
-        steady, setup = memory.components(pipe.preset, pipe.runtime, height, width)
-        shared = memory._peak(steady, setup)[0] - sum(steady.get(k, 0) for k in PER_SESSION)
         total = torch.cuda.get_device_properties(pipe.device).total_memory
-        free = int(total * (1 - memory.FRAGMENTATION)) - memory.CUDA_CONTEXT_BYTES - shared
-        where = f"{total / 2**30:.1f} GiB GPU after weights and workspaces"
-        gpu = from_device(pipe.device)
-    else:  # measured now, with the weights already loaded
-        free = _available_host_bytes() // 2
-        where = "half the free host memory"
-    return max_active_for(pipe.preset, pipe.runtime, height, width, free, where, gpu)
+        budget = int(total * (1 - memory.FRAGMENTATION)) - memory.CUDA_CONTEXT_BYTES
+        return max_active_for(pipe.preset, pipe.runtime, height, width, budget,
+                              f"{total / 2**30:.1f} GiB GPU after weights and workspaces", from_device(pipe.device),
+                              planned_shared=True)
+    # measured now, with the weights already loaded
+    return max_active_for(pipe.preset, pipe.runtime, height, width, _available_host_bytes() // 2,
+                          "half the free host memory")
 
 
-def max_active_for(preset, runtime, height: int, width: int, free: int, where: str, gpu=None) -> tuple[int, str]:
+def max_active_for(preset, runtime, height: int, width: int, free: int, where: str, gpu=None,
+                   planned_shared: bool = False) -> tuple[int, str]:
     """(K, why): sessions at `height`x`width` whose own memory (step caches, sink, decoder state) fits
-    in `free` bytes, at most MAX_AUTO_ACTIVE; with `gpu` (a GPUSpec of the planner's table) also at
-    most as many as its speed model says keep real time: K sessions take turns, so each gets a block
-    every K x (seconds per block), which must not exceed the seconds a block plays. One session is
-    always allowed (and told when it is already slower than real time). A GPU the table does not know
-    (its rates would be guesses) counts as no estimate."""
+    in `free` bytes (less the planner's weights and workspaces with `planned_shared`: a whole device's
+    budget), at most MAX_AUTO_ACTIVE; with `gpu` (a GPUSpec of the planner's table) also at most as
+    many as its speed model says keep real time: K sessions take turns, so each gets a block every
+    K x (seconds per block), which must not exceed the seconds a block plays. One session is always
+    allowed (and told when it is already slower than real time). A GPU the table does not know (its
+    rates would be guesses) counts as no estimate."""
     from liveavatar.runtime import memory
 
-    steady, _ = memory.components(preset, runtime, height, width)
+    steady, setup = memory.components(preset, runtime, height, width)
     per = sum(steady.get(k, 0) for k in PER_SESSION)
+    if planned_shared:
+        free -= memory._peak(steady, setup)[0] - per
     k_mem = max(1, min(MAX_AUTO_ACTIVE, free // max(per, 1)))
     why = f"{per / 2**20:.1f} MiB of caches each, {max(free, 0) / 2**30:.2f} GiB for them ({where}) fit {k_mem}"
     if gpu is None or not gpu.known:
